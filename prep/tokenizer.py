@@ -1,0 +1,70 @@
+"""Byte-level BPE tokenizer training with the `tokenizers` library.
+
+Byte-level: text is split into UTF-8 bytes before merges are learnt, so every string
+encodes (no unknown token) and decoding gives back the exact input, whitespace and any
+Unicode included. Digits are split one by one (Llama, PaLM) so numbers are spelled out
+digit by digit instead of as arbitrary merged chunks.
+"""
+import hashlib
+import random
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+# Ids 0..6, in this order: data.py and align.py rely on these strings, not on the ids.
+SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+BOS, EOS, PAD = SPECIAL_TOKENS[:3]
+
+# The GPT-4 (cl100k) pre-tokenisation pattern with \p{N} alone instead of \p{N}{1,3}:
+# words with their leading space, single digits, punctuation runs, newlines, whitespace.
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+                 r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
+
+
+def new_tokenizer():
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def sample_texts(docs, max_chars, seed=0, total_chars=None):
+    """A sample of about max_chars drawn across the whole corpus (not its first files):
+    each document is kept with probability max_chars / total_chars."""
+    p = 1.0 if not total_chars else min(1.0, max_chars / total_chars)
+    rng = random.Random(seed)
+    for doc in docs:
+        if rng.random() < p:
+            yield doc["text"]
+
+
+def train_tokenizer(texts, vocab_size, min_frequency=2):
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size={vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} special tokens")
+    tok = new_tokenizer()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe(tok, texts, n_longest=10):
+    """Figures for a report: bytes per token on `texts`, and the longest tokens (long
+    junk tokens — repeated separators, boilerplate — betray junk in the corpus)."""
+    n_bytes = sum(len(t.encode()) for t in texts)
+    n_tokens = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+    ids = [i for i in range(tok.get_vocab_size()) if tok.id_to_token(i) not in SPECIAL_TOKENS]
+    longest = sorted(ids, key=lambda i: -len(tok.id_to_token(i)))[:n_longest]  # one char per byte
+    return {"vocab_size": tok.get_vocab_size(), "bytes_per_token": n_bytes / max(n_tokens, 1),
+            "longest_tokens": [tok.decode([i]) for i in longest]}
