@@ -1,15 +1,95 @@
 """python -m prep COMMAND ...
 
+  run        RECIPE.toml [--out DIR] [--tasks N] [--workers W] [--task-id K] [--set name.key=value]
+             run a recipe: N tasks, W at a time locally, or task K of N (a Slurm array task;
+             N and K default to SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_ID)
+  plan       RECIPE.toml [--tasks N]           print the stages a recipe compiles to
+  inspect    OUT [--samples K] [--grep REGEX]  removal rates, samples, top domains, search
+  classifier --positive F.. --negative F.. --out model.npz   train the quality classifier
+  lm         --docs F.. --out lm.json.gz [--calibrate F..]   train the n-gram LM (perplexity)
   corpus     --tree DIR|stdlib --out docs.jsonl.gz    documents from a local tree of text/code
   tokenizer  --docs F [F ...] --vocab-size N --out tokenizer.json
   tokenize   --docs F [F ...] --tokenizer tokenizer.json --out DIR [--workers W]
+
+Input files for classifier/lm are JSONL(.gz), or plain text with one document per line.
 """
 import argparse
 import json
+import os
 import sys
 import time
 
-from prep import readers, shards, tokenizer
+import numpy as np
+
+from prep import inspection, pipeline, quality, readers, shards, tokenizer
+
+
+def cmd_run(args):
+    recipe = pipeline.load_recipe(args.recipe, args.set)
+    out = args.out or recipe["output"]["dir"]
+    if not out:
+        sys.exit(f"{args.recipe}: no output directory: set [output] dir or pass --out")
+    t0 = time.time()
+    with open(args.recipe) as f:
+        text = f.read()
+    print(f"prep run {args.recipe}: {args.tasks} tasks, " +
+          (f"task {args.task_id}" if args.task_id is not None else f"{args.workers} workers") + f" -> {out}")
+    r = pipeline.run(recipe, out, args.tasks, args.workers, args.task_id, text)
+    if os.path.exists(os.path.join(out, "stats.json")):
+        with open(os.path.join(out, "stats.json")) as f:
+            stages = [s for s in json.load(f)["stages"].values() if isinstance(s, dict) and "steps" in s]
+        first = stages[0]
+        print(f"done in {time.time() - t0:.1f}s: {first['in']:,} documents in, {stages[-1]['kept']:,} out, "
+              f"{sum(s['errored'] for s in stages)} errored; {first['in'] / (time.time() - t0):.0f} docs/s "
+              f"overall. `python -m prep inspect {out}` for details")
+    tok_stats = os.path.join(out, "tokens", "stats.json")
+    if os.path.exists(tok_stats):
+        with open(tok_stats) as f:
+            s = json.load(f)
+        print(f"tokens: train {s['train']['tokens']:,} ({s['train']['documents']:,} docs), val "
+              f"{s['val']['tokens']:,} ({s['val']['documents']:,} docs), {s['bytes_per_token']:.2f} bytes/token")
+    return r
+
+
+def cmd_plan(args):
+    recipe = pipeline.load_recipe(args.recipe, args.set)
+    for s in pipeline.compile_stages(recipe, args.tasks):
+        steps = [st["name"] for st in s.get("steps", [])]
+        extra = [s[k] if k != "substring" else "substring_dedup" for k in ("dedup", "substring") if s.get(k)]
+        print(f"{s['name']:<16} {s['tasks']:>4} task(s)  {' '.join(extra + steps)}")
+
+
+def _texts(paths):
+    for p in paths:
+        if ".jsonl" in p:
+            yield from (d["text"] for d in readers.read_jsonl(p))
+        else:
+            with readers.open_text(p) as f:
+                yield from (line.strip() for line in f if line.strip())
+
+
+def cmd_classifier(args):
+    pos, neg = list(_texts(args.positive)), list(_texts(args.negative))
+    # every 10th document of each class is held out for the accuracy figure
+    model = quality.train_classifier(
+        [t for i, t in enumerate(pos) if i % 10], [t for i, t in enumerate(neg) if i % 10], epochs=args.epochs)
+    quality.save_classifier(model, args.out)
+    right = sum(quality.classifier_score(model, t) >= 0.5 for t in pos[::10]) + \
+        sum(quality.classifier_score(model, t) < 0.5 for t in neg[::10])
+    n = len(pos[::10]) + len(neg[::10])
+    print(f"classifier: {len(pos)} positive, {len(neg)} negative documents; held-out accuracy "
+          f"{right / max(n, 1):.3f} on {n} -> {args.out}")
+
+
+def cmd_lm(args):
+    texts = list(_texts(args.docs))
+    lm = quality.KneserNey.train(texts, args.order)
+    calib = list(_texts(args.calibrate)) if args.calibrate else texts[::10]
+    ppl = [lm.perplexity(t) for t in calib]
+    cutoffs = [float(np.percentile(ppl, q)) for q in quality.PERPLEXITY_PERCENTILES]
+    lm.save(args.out, cutoffs)
+    print(f"lm: order {args.order}, {lm.vocab_size:,} words from {len(texts)} documents; perplexity cutoffs "
+          f"(33rd, 66th percentile of {len(calib)} docs) {cutoffs[0]:.0f}, {cutoffs[1]:.0f} -> {args.out}")
 
 
 def cmd_corpus(args):
@@ -49,10 +129,49 @@ def cmd_tokenize(args):
           f"{s['workers']} workers -> {args.out}")
 
 
+def _env_int(*names):
+    for n in names:
+        if os.environ.get(n):
+            return int(os.environ[n])
+    return None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m prep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a recipe")
+    r.add_argument("recipe")
+    r.add_argument("--out", help="output directory (default: the recipe's [output] dir)")
+    r.add_argument("--tasks", type=int, default=_env_int("SLURM_ARRAY_TASK_COUNT", "WORLD_SIZE") or 1)
+    r.add_argument("--workers", type=int, default=1, help="tasks run at a time locally")
+    r.add_argument("--task-id", type=int, default=_env_int("SLURM_ARRAY_TASK_ID", "RANK"),
+                   help="run only this task of each stage (a Slurm array task)")
+    r.add_argument("--set", action="append", default=[], help="override: input.key=value or step_name.key=value")
+    r.set_defaults(fn=cmd_run)
+    pl = sub.add_parser("plan", help="print the stages of a recipe")
+    pl.add_argument("recipe")
+    pl.add_argument("--tasks", type=int, default=1)
+    pl.add_argument("--set", action="append", default=[])
+    pl.set_defaults(fn=cmd_plan)
+    i = sub.add_parser("inspect", help="what a run kept and removed")
+    i.add_argument("out")
+    i.add_argument("--samples", type=int, default=3)
+    i.add_argument("--grep", help="a regular expression to search the output documents for")
+    i.add_argument("--seed", type=int, default=0)
+    i.set_defaults(fn=lambda a: inspection.inspect(a.out, a.samples, a.grep, a.seed))
+    c = sub.add_parser("classifier", help="train the fastText-style quality classifier")
+    c.add_argument("--positive", nargs="+", required=True)
+    c.add_argument("--negative", nargs="+", required=True)
+    c.add_argument("--epochs", type=int, default=5)
+    c.add_argument("--out", required=True)
+    c.set_defaults(fn=cmd_classifier)
+    m = sub.add_parser("lm", help="train the Kneser-Ney n-gram LM for perplexity filtering")
+    m.add_argument("--docs", nargs="+", required=True)
+    m.add_argument("--calibrate", nargs="+", help="documents whose perplexity percentiles set the buckets")
+    m.add_argument("--order", type=int, default=quality.KN_ORDER)
+    m.add_argument("--out", required=True)
+    m.set_defaults(fn=cmd_lm)
     c = sub.add_parser("corpus", help="documents from a local tree of text and code files")
     c.add_argument("--tree", required=True, help="a directory, or 'stdlib' for this Python's standard library")
     c.add_argument("--suffix", nargs="+", default=list(readers.TEXT_SUFFIXES))
@@ -74,6 +193,8 @@ def main(argv=None):
     k.add_argument("--shard-tokens", type=int, default=1 << 24)
     k.set_defaults(fn=cmd_tokenize)
     args = p.parse_args(argv)
+    if args.command == "run" and args.task_id is not None and not 0 <= args.task_id < args.tasks:
+        p.error(f"--task-id {args.task_id} is outside 0..{args.tasks - 1} (--tasks {args.tasks})")
     args.fn(args)
 
 

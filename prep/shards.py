@@ -45,8 +45,9 @@ def is_val(doc_id, val_fraction):
 class ShardWriter:
     """Collects documents' tokens for one split and writes a shard every shard_tokens."""
 
-    def __init__(self, out_dir, split, dtype, meta, shard_tokens):
+    def __init__(self, out_dir, split, dtype, meta, shard_tokens, prefix=""):
         self.out_dir, self.split, self.dtype, self.meta, self.shard_tokens = out_dir, split, dtype, meta, shard_tokens
+        self.prefix = prefix  # a pipeline task's number: shards of different tasks never collide
         self.parts, self.n_tokens, self.n_docs, self.n_bytes, self.shards = [], 0, 0, 0, []
         self.total = {"documents": 0, "tokens": 0, "bytes": 0}
 
@@ -61,7 +62,7 @@ class ShardWriter:
     def flush(self):
         if not self.parts:
             return
-        path = os.path.join(self.out_dir, f"{self.split}_{len(self.shards):05d}.bin")
+        path = os.path.join(self.out_dir, f"{self.split}_{self.prefix}{len(self.shards):05d}.bin")
         write_shard(path, np.concatenate(self.parts).astype(self.dtype),
                     {"documents": self.n_docs, "bytes": self.n_bytes, **self.meta})
         self.shards.append(os.path.basename(path))
@@ -86,35 +87,32 @@ def _encode(batch):
             for (_, text, val), e in zip(batch, encodings)]
 
 
-def _batches(doc_paths, val_fraction, batch_docs, errors):
+def _batches(docs, val_fraction, batch_docs):
     batch = []
-    for path in doc_paths:
-        for doc in read_jsonl(path, errors):
-            batch.append((doc["id"], doc["text"], is_val(doc["id"], val_fraction)))
-            if len(batch) == batch_docs:
-                yield batch
-                batch = []
+    for doc in docs:
+        batch.append((doc["id"], doc["text"], is_val(doc["id"], val_fraction)))
+        if len(batch) == batch_docs:
+            yield batch
+            batch = []
     if batch:
         yield batch
 
 
-def tokenize_to_shards(doc_paths, tokenizer_path, out_dir, workers=2, val_fraction=0.005,
-                       shard_tokens=1 << 24, batch_docs=64):
-    """Tokenize JSONL documents into out_dir/{train,val}_NNNNN.bin (+ .json sidecars),
-    copy the tokenizer next to them, and write out_dir/stats.json. Returns the stats."""
-    t0 = time.time()
-    os.makedirs(out_dir, exist_ok=True)
-    shutil.copyfile(tokenizer_path, os.path.join(out_dir, "tokenizer.json"))
+def tokenizer_meta(tokenizer_path):
     tok = Tokenizer.from_file(tokenizer_path)
-    vocab = tok.get_vocab_size()
-    bos = np.array([tok.token_to_id(BOS)], dtype=np.uint32)
-    meta = {"vocab_size": vocab, "bos_id": int(bos[0]), "tokenizer_sha256": file_sha256(tokenizer_path),
-            "lineage": {"inputs": [{"path": os.path.basename(p), "bytes": os.path.getsize(p),
-                                    "sha256": file_sha256(p)} for p in doc_paths],
-                        "val_fraction": val_fraction}}
-    writers = {s: ShardWriter(out_dir, s, shard_dtype(vocab), meta, shard_tokens) for s in ("train", "val")}
-    errors = []
-    batches = _batches(doc_paths, val_fraction, batch_docs, errors)
+    return {"vocab_size": tok.get_vocab_size(), "bos_id": tok.token_to_id(BOS),
+            "tokenizer_sha256": file_sha256(tokenizer_path)}
+
+
+def tokenize_docs(docs, tokenizer_path, out_dir, lineage, workers=1, val_fraction=0.005, shard_tokens=1 << 24,
+                  batch_docs=64, prefix=""):
+    """Tokenize an iterable of documents into out_dir/{train,val}_{prefix}NNNNN.bin (+ .json
+    sidecars). Returns {"train": {documents, tokens, bytes, shards}, "val": {...}}."""
+    meta = {**tokenizer_meta(tokenizer_path), "lineage": lineage}
+    bos = np.array([meta["bos_id"]], dtype=np.uint32)
+    writers = {s: ShardWriter(out_dir, s, shard_dtype(meta["vocab_size"]), meta, shard_tokens, prefix)
+               for s in ("train", "val")}
+    batches = _batches(docs, val_fraction, batch_docs)
     if workers > 1:
         pool = Pool(workers, initializer=_load_tokenizer, initargs=(tokenizer_path,))
         results = pool.imap(_encode, batches, chunksize=4)  # ordered: shards are reproducible
@@ -131,10 +129,30 @@ def tokenize_to_shards(doc_paths, tokenizer_path, out_dir, workers=2, val_fracti
             pool.join()
     for w in writers.values():
         w.flush()
-    stats = {s: {**w.total, "shards": w.shards} for s, w in writers.items()}
-    n = stats["train"]["tokens"] + stats["val"]["tokens"]
-    stats.update(errored=len(errors), errors=errors[:100], seconds=round(time.time() - t0, 2), workers=workers,
-                 bytes_per_token=(stats["train"]["bytes"] + stats["val"]["bytes"]) / max(n, 1))
+    return {s: {**w.total, "shards": w.shards} for s, w in writers.items()}
+
+
+def summarize(splits, **extra):
+    """The stats.json figures (train.py's report reads train/val documents, tokens, bytes
+    and bytes_per_token)."""
+    n = splits["train"]["tokens"] + splits["val"]["tokens"]
+    return {**splits, **extra, "bytes_per_token": (splits["train"]["bytes"] + splits["val"]["bytes"]) / max(n, 1)}
+
+
+def tokenize_to_shards(doc_paths, tokenizer_path, out_dir, workers=2, val_fraction=0.005,
+                       shard_tokens=1 << 24, batch_docs=64):
+    """Tokenize JSONL documents into out_dir/{train,val}_NNNNN.bin (+ .json sidecars),
+    copy the tokenizer next to them, and write out_dir/stats.json. Returns the stats."""
+    t0 = time.time()
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.copyfile(tokenizer_path, os.path.join(out_dir, "tokenizer.json"))
+    lineage = {"inputs": [{"path": os.path.basename(p), "bytes": os.path.getsize(p), "sha256": file_sha256(p)}
+                          for p in doc_paths], "val_fraction": val_fraction}
+    errors = []
+    docs = (d for p in doc_paths for d in read_jsonl(p, errors))
+    splits = tokenize_docs(docs, tokenizer_path, out_dir, lineage, workers, val_fraction, shard_tokens, batch_docs)
+    stats = summarize(splits, errored=len(errors), errors=errors[:100], seconds=round(time.time() - t0, 2),
+                      workers=workers)
     with open(os.path.join(out_dir, "stats.json"), "w") as f:
         json.dump(stats, f, indent=1)
     return stats

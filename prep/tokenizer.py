@@ -7,6 +7,7 @@ digit by digit instead of as arbitrary merged chunks.
 """
 import hashlib
 import random
+from collections import Counter
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -60,11 +61,15 @@ def file_sha256(path):
 
 
 def describe(tok, texts, n_longest=10):
-    """Figures for a report: bytes per token on `texts`, and the longest tokens (long
-    junk tokens — repeated separators, boilerplate — betray junk in the corpus)."""
+    """Figures for a report: bytes per token on `texts`, the longest tokens and the least
+    used ones on `texts` (long or never-used tokens — repeated separators, boilerplate,
+    mojibake — betray junk in the corpus the tokenizer was trained on)."""
     n_bytes = sum(len(t.encode()) for t in texts)
-    n_tokens = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+    counts = Counter(i for e in tok.encode_batch(texts, add_special_tokens=False) for i in e.ids)
     ids = [i for i in range(tok.get_vocab_size()) if tok.id_to_token(i) not in SPECIAL_TOKENS]
     longest = sorted(ids, key=lambda i: -len(tok.id_to_token(i)))[:n_longest]  # one char per byte
-    return {"vocab_size": tok.get_vocab_size(), "bytes_per_token": n_bytes / max(n_tokens, 1),
-            "longest_tokens": [tok.decode([i]) for i in longest]}
+    rarest = sorted(ids, key=lambda i: (counts[i], -len(tok.id_to_token(i))))[:n_longest]
+    return {"vocab_size": tok.get_vocab_size(), "bytes_per_token": n_bytes / max(sum(counts.values()), 1),
+            "longest_tokens": [tok.decode([i]) for i in longest],
+            "least_used_tokens": [[tok.decode([i]), counts[i]] for i in rarest],
+            "unused_tokens": sum(counts[i] == 0 for i in ids)}

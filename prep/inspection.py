@@ -1,0 +1,97 @@
+"""`python -m prep inspect OUT`: what a run kept and removed, and why.
+
+Prints per-stage and per-step removal rates with their reasons, the first errors with file
+and line, the tokenizer report, top domains and topics of the output, random kept and
+removed samples per filter, and (with --grep) a regex search over the output documents.
+"""
+import glob
+import json
+import os
+import random
+import re
+from collections import Counter
+
+from prep import readers
+
+
+def _pct(n, d):
+    return f"{100 * n / d:5.1f}%" if d else "   - "
+
+
+def print_stats(stats, show_errors=5):
+    for name, st in stats["stages"].items():
+        if not isinstance(st, dict) or "steps" not in st:
+            continue
+        print(f"\n[{name}] in {st['in']:,}  kept {st['kept']:,}  removed {st['removed']:,}  "
+              f"errored {st['errored']:,}  ({st['seconds']:.1f} task-seconds)")
+        for step, s in st["steps"].items():
+            removed = sum(s["removed"].values())
+            reasons = ", ".join(f"{r} {n:,}" for r, n in sorted(s["removed"].items(), key=lambda x: -x[1]))
+            print(f"  {step:<18} in {s['in']:>9,}  removed {_pct(removed, s['in'])}  errored {s['errored']:,}"
+                  + (f"  ({reasons})" if reasons else ""))
+            if s["counters"]:
+                print(" " * 21 + ", ".join(f"{k} {v:,}" for k, v in sorted(s["counters"].items())))
+        for e in st["errors"][:show_errors]:
+            where = e.get("location") or ":".join(str(e[k]) for k in ("file", "line", "byte", "record") if k in e)
+            print(f"  error: {where}: {e['error']}")
+
+
+def last_docs_files(out):
+    stages = sorted(d for d in os.listdir(out) if re.fullmatch(r"\d\d_docs", d))
+    return sorted(glob.glob(os.path.join(out, stages[-1], "docs_*.jsonl.gz"))) if stages else []
+
+
+def print_samples(out, n, rng, width=240):
+    removed = {}
+    for path in sorted(glob.glob(os.path.join(out, "*_docs", "removed_*.jsonl.gz"))):
+        for doc in readers.read_jsonl(path):
+            removed.setdefault(doc["meta"]["removed_by"], []).append(doc)
+    for reason, docs in sorted(removed.items()):
+        print(f"\n-- removed by {reason} ({len(docs)} sampled)")
+        for doc in rng.sample(docs, min(n, len(docs))):
+            print(f"   {doc['meta'].get('location', doc['id'])}: {doc['text'][:width]!r}")
+    kept = [d for p in last_docs_files(out) for d in readers.read_jsonl(p)]
+    print(f"\n-- kept ({len(kept):,} documents)")
+    for doc in rng.sample(kept, min(n, len(kept))):
+        print(f"   {doc['id']}: {doc['text'][:width]!r}")
+    return kept
+
+
+def print_tags(kept, top):
+    domains = Counter(d["meta"].get("domain") for d in kept if d["meta"].get("domain"))
+    topics = Counter(d["meta"]["topic"] for d in kept if "topic" in d["meta"])
+    if domains:
+        print("\ntop domains: " + ", ".join(f"{d} {n}" for d, n in domains.most_common(top)))
+    if topics:
+        print("topics: " + ", ".join(f"{t} {n}" for t, n in topics.most_common()))
+
+
+def grep(out, pattern, limit=20, width=80):
+    """Every match of a regex in the output documents: file:line and the text around it."""
+    rx, hits = re.compile(pattern), 0
+    for path in last_docs_files(out):
+        for i, doc in enumerate(readers.read_jsonl(path), 1):
+            for m in rx.finditer(doc["text"]):
+                hits += 1
+                if hits <= limit:
+                    a, b = max(0, m.start() - width), m.end() + width
+                    print(f"{os.path.relpath(path, out)}:{i} {doc['id']}: ...{doc['text'][a:b]!r}...")
+    print(f"{hits} match(es) of {pattern!r}")
+    return hits
+
+
+def inspect(out, samples=3, pattern=None, seed=0, top=10):
+    if pattern:
+        return grep(out, pattern)
+    with open(os.path.join(out, "stats.json")) as f:
+        print_stats(json.load(f))
+    report = os.path.join(out, "tokens", "tokenizer.stats.json")
+    if os.path.exists(report):
+        with open(report) as f:
+            t = json.load(f)
+        print(f"\ntokenizer: vocab {t['vocab_size']}, {t['bytes_per_token']:.2f} bytes/token, "
+              f"{t['unused_tokens']} tokens unused on held-out text")
+        print(f"  longest: {t['longest_tokens'][:8]}")
+        print(f"  least used: {t['least_used_tokens'][:8]}")
+    kept = print_samples(out, samples, random.Random(seed))
+    print_tags(kept, top)
