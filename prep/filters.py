@@ -156,12 +156,13 @@ GOPHER_DUP_NGRAM_CHAR_FRAC = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0
 
 
 def top_ngram_chars(words, n):
-    """Characters covered by the most frequent n-gram (its length times its count)."""
+    """Characters covered by the most frequent n-gram: its length, with the spaces between
+    its words, times its count."""
     counts = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
     if not counts:
         return 0
     gram, count = counts.most_common(1)[0]
-    return sum(map(len, gram)) * count
+    return (sum(map(len, gram)) + n - 1) * count
 
 
 def duplicate_ngram_chars(words, n):
@@ -294,7 +295,7 @@ def code(doc, max_line_chars=CODE_MAX_LINE_CHARS, max_mean_line_chars=CODE_MAX_M
     lines = text.splitlines()
     if max(map(len, lines)) > max_line_chars:
         return "long_line"
-    if len(text) / len(lines) > max_mean_line_chars:
+    if sum(map(len, lines)) / len(lines) > max_mean_line_chars:
         return "long_mean_line"
     if sum(c.isalnum() for c in text) / max(1, len(text)) < min_alnum_frac:
         return "few_alnum"
@@ -308,7 +309,8 @@ def code(doc, max_line_chars=CODE_MAX_LINE_CHARS, max_mean_line_chars=CODE_MAX_M
 # Placeholders as in FineWeb's PII formatter (datatrove PIIFormatter): emails and public IPs.
 PII = {  # kind: (pattern, placeholder, a character without which the pattern cannot match)
     "email": (re.compile(r"\b[\w.+-]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,}\b"), "<EMAIL>", "@"),
-    "ipv4": (re.compile(r"\b(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\b"),
+    "ipv4": (re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+                        r"(?![\w]|\.\d)"),  # not inside a longer dotted number (a version: 1.2.3.4.5)
              "<IP_ADDRESS>", "."),
     "ipv6": (re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])"
                         r"|(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){1,6}:(?:[0-9A-Fa-f]{1,4}:){0,5}[0-9A-Fa-f]{1,4}(?![\w:])"),

@@ -20,7 +20,12 @@ def _pct(n, d):
 
 def print_stats(stats, show_errors=5):
     for name, st in stats["stages"].items():
-        if not isinstance(st, dict) or "steps" not in st:
+        if "cluster_sizes" in st:
+            print(f"\n[{name}] {st['duplicates']:,} duplicates of {st['documents']:,} documents in {st['clusters']:,} "
+                  f"clusters; cluster sizes: {st['cluster_sizes']}")
+            for c in st["largest_clusters"][:3]:
+                print(f"  kept {c['kept']} for a cluster of {c['size']}; removed e.g. {c['removed'][:3]}")
+        if "steps" not in st:
             continue
         print(f"\n[{name}] in {st['in']:,}  kept {st['kept']:,}  removed {st['removed']:,}  "
               f"errored {st['errored']:,}  ({st['seconds']:.1f} task-seconds)")

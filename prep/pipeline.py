@@ -597,8 +597,10 @@ def summary_task(r, stage, task):
     summary = {"stages": {}}
     for s in r.stages[:-1]:
         per_task = r.stage_stats(s)
-        if s["kind"] != "docs":
-            summary["stages"][s["name"]] = per_task if s["tasks"] == 1 else {"tasks": s["tasks"]}
+        if s["kind"] != "docs":  # a one-task stage's result (cluster report, tokenizer report) in full
+            seconds = round(sum(t["seconds"] for t in per_task), 2)
+            summary["stages"][s["name"]] = {"tasks": s["tasks"], "seconds": seconds,
+                                            **(per_task[0] if s["tasks"] == 1 else {})}
             continue
         agg = {k: sum(t[k] for t in per_task) for k in ("in", "kept", "removed", "errored", "bytes_out")}
         agg["seconds"] = round(sum(t["seconds"] for t in per_task), 2)

@@ -46,7 +46,10 @@ def features(text, buckets=CLASSIFIER_BUCKETS, ngrams=CLASSIFIER_NGRAMS):
 
 def train_classifier(positive, negative, buckets=CLASSIFIER_BUCKETS, ngrams=CLASSIFIER_NGRAMS, epochs=5, lr=0.5,
                      seed=0):
-    """Logistic regression by SGD on the mean of hashed n-gram weights. Returns the model dict."""
+    """Logistic regression by SGD on the mean of hashed n-gram weights. Every n-gram of the
+    document takes the full gradient step, not 1/n of it (the mean's own gradient): with a
+    single output dimension the 1/n steps leave long documents' weights almost unmoved.
+    Returns the model dict."""
     data = [(features(t, buckets, ngrams), 1.0) for t in positive] + [(features(t, buckets, ngrams), 0.0)
                                                                        for t in negative]
     w, b = np.zeros(buckets, np.float32), 0.0
@@ -59,7 +62,7 @@ def train_classifier(positive, negative, buckets=CLASSIFIER_BUCKETS, ngrams=CLAS
                 continue
             p = 1 / (1 + math.exp(-(b + w[idx].mean())))
             g = step * (p - y)
-            np.add.at(w, idx, -g / idx.size)
+            np.add.at(w, idx, -g)
             b -= g
     return {"w": w, "b": np.float32(b), "buckets": buckets, "ngrams": ngrams}
 
