@@ -79,6 +79,8 @@ class Loader:
             raise ValueError(f"{key}: {self.n_windows} windows of {seq_len + 1} tokens, fewer than one "
                              f"global micro-batch ({micro_batch} x {world} ranks)")
         self.epoch, self.pos = 0, 0
+        self.skip = set()      # (epoch, pos) of global batches never to read again (loss spikes)
+        self.last_batch = None  # (epoch, pos) of the batch just returned: its id in logs
         self._order = None
 
     def order(self):
@@ -98,8 +100,13 @@ class Loader:
     def next_batch(self):
         """(inputs, targets), both (micro_batch, seq_len) int64, for this rank."""
         global_batch = self.micro_batch * self.world
-        if self.pos + global_batch > self.n_windows:  # the incomplete tail is left to the next epoch's order
-            self.epoch, self.pos, self._order = self.epoch + 1, 0, None
+        while True:
+            if self.pos + global_batch > self.n_windows:  # the incomplete tail is left to the next epoch's order
+                self.epoch, self.pos, self._order = self.epoch + 1, 0, None
+            if (self.epoch, self.pos) not in self.skip:
+                break
+            self.pos += global_batch
+        self.last_batch = (self.epoch, self.pos)
         ids = self.order()[self.pos + self.rank * self.micro_batch:][:self.micro_batch]
         self.pos += global_batch
         batch = torch.stack([self.window(int(w)) for w in ids])  # (micro_batch, seq_len + 1)
@@ -107,7 +114,7 @@ class Loader:
 
     def state_dict(self):
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "seq_len": self.seq_len,
-                "n_windows": self.n_windows}
+                "n_windows": self.n_windows, "skip": sorted(self.skip)}
 
     def load_state_dict(self, state):
         for key in ("seed", "seq_len", "n_windows"):
@@ -115,3 +122,4 @@ class Loader:
                 raise ValueError(f"loader state was saved with {key}={state[key]}, this run has "
                                  f"{getattr(self, key)}: the data or its settings changed")
         self.epoch, self.pos, self._order = state["epoch"], state["pos"], None
+        self.skip = {tuple(b) for b in state.get("skip", [])}

@@ -95,11 +95,14 @@ class Attention(nn.Module):
         self.attn_fn = kernels.attention
 
     def forward(self, x, cos, sin):
-        B, S, _ = x.shape
-        # Head counts come from the shapes (-1), so a tensor-parallel shard with fewer heads runs as is.
-        q = self.q_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, Hq, S, D)
-        k = self.k_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
-        v = self.v_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        # Shapes come from the projections, not from x: under tensor parallelism a rank holds
+        # fewer heads (-1 below), and under sequence parallelism x holds a slice of the
+        # sequence that is gathered before the projections.
+        B, S = q.shape[:2]
+        q = q.view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, Hq, S, D)
+        k = k.view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+        v = v.view(B, S, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -1,12 +1,31 @@
-"""parallel.py — distributed training, applied from outside to model.py's plain model.
+"""parallel.py — 4D parallelism applied from outside to model.py's plain model.
 
-Process setup from torchrun's environment, and data parallelism by averaging gradients
-across ranks after the last gradient-accumulation micro-step.
+    1. the process grid          dp x pp x cp x tp ranks, tp innermost, and their groups
+    2. Megatron's f and g        the four communication steps of tensor/sequence parallelism
+    3. tensor + sequence parallel  surgery: shard the linears, hook the norms, vocab-parallel
+                                 embedding and cross-entropy
+    4. context parallel          ring attention over load-balanced chunks
+    5. pipeline parallel         stages, point-to-point, AFAB and 1F1B schedules
+    6. data parallel             bucketed all-reduce from backward hooks; ZeRO-1
+    7. the training step         gradient accumulation, pipelines, gradient norm
+    8. consolidated state        gather shards to one checkpoint, slice them back
+
+Every technique keeps the names of model.py's parameters, so a checkpoint saved under one
+layout loads under any other. PARALLEL_VERBOSE=1 prints every pipeline send and receive.
 """
+import contextlib
+import math
 import os
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+VERBOSE = os.environ.get("PARALLEL_VERBOSE") == "1"
 
 
 def init_distributed():
@@ -21,15 +40,868 @@ def init_distributed():
     return rank, world, local_rank
 
 
-def all_reduce_grads(params, group=None):
-    """Average gradients over the data-parallel ranks in one flat all-reduce."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads or not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat /= dist.get_world_size(group)
-    offset = 0
+# ----------------------------------------------------------------------------------------
+# 1. The process grid
+
+@dataclass
+class Grid:
+    """Where this rank sits in the dp x pp x cp x tp grid, and the groups it talks in.
+    A group of one rank is None: every collective below is then skipped."""
+    dp: int = 1
+    pp: int = 1
+    cp: int = 1
+    tp: int = 1
+    dp_rank: int = 0
+    pp_rank: int = 0
+    cp_rank: int = 0
+    tp_rank: int = 0
+    groups: dict = field(default_factory=dict)   # "tp", "cp", "pp", "dp", "dp_cp", "embed" -> group
+    ranks: dict = field(default_factory=dict)    # the same keys -> global ranks in the group
+    sequence_parallel: bool = False
+    tp_sharded: dict = field(default_factory=dict)  # parameter name -> dim it is split along over tp
+    tp_partial: set = field(default_factory=set)    # replicated parameters whose grads are partial sums
+    tied_head: bool = False                         # lm_head.weight is embed.weight
+
+    @property
+    def first(self):
+        return self.pp_rank == 0
+
+    @property
+    def last(self):
+        return self.pp_rank == self.pp - 1
+
+    def peer(self, axis, delta):
+        """Global rank delta steps along a ring axis ("pp" or "cp")."""
+        ranks = self.ranks[axis]
+        return ranks[(getattr(self, f"{axis}_rank") + delta) % len(ranks)]
+
+
+def check_layout(p, model_cfg, data_cfg, world):
+    """Resolve dp and raise ValueError naming what makes the layout impossible."""
+    dp = p.dp or world // max(1, p.tp * p.pp * p.cp)
+    if dp * p.pp * p.cp * p.tp != world:
+        raise ValueError(f"parallel: dp {dp} x pp {p.pp} x cp {p.cp} x tp {p.tp} = {dp * p.pp * p.cp * p.tp}, "
+                         f"but the world size is {world}")
+    m = model_cfg
+    checks = [
+        (m.n_heads % p.tp == 0, f"model.n_heads={m.n_heads} is not divisible by parallel.tp={p.tp}"),
+        (m.n_kv_heads % p.tp == 0, f"model.n_kv_heads={m.n_kv_heads} is not divisible by parallel.tp={p.tp}"),
+        (m.vocab_size % p.tp == 0, f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}"),
+        (m.n_layers >= p.pp, f"model.n_layers={m.n_layers} is fewer than parallel.pp={p.pp} stages"),
+        (data_cfg.seq_len % (2 * p.cp) == 0,
+         f"data.seq_len={data_cfg.seq_len} is not divisible by 2 x parallel.cp={2 * p.cp} (two chunks per rank)"),
+        (not p.sequence_parallel or (data_cfg.seq_len // p.cp) % p.tp == 0,
+         f"data.seq_len / cp = {data_cfg.seq_len // p.cp} is not divisible by parallel.tp={p.tp} "
+         "for sequence parallelism"),
+        (p.pp == 1 or data_cfg.micro_batch % microbatches(p, data_cfg) == 0,
+         f"data.micro_batch={data_cfg.micro_batch} is not divisible by parallel.microbatches={p.microbatches}"),
+        (p.zero in (0, 1), f"parallel.zero={p.zero}: only ZeRO stage 0 or 1"),
+        (p.ep == 1, "parallel.ep > 1 needs a Mixture-of-Experts model"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    return dp
+
+
+def microbatches(p, data_cfg):
+    """Pipeline micro-batches per micro-step; 0 means one sequence each."""
+    return p.microbatches or data_cfg.micro_batch
+
+
+def make_grid(p, model_cfg, data_cfg):
+    """Build the grid (and its process groups, on every rank in the same order)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    dp = check_layout(p, model_cfg, data_cfg, world)
+    grid = Grid(dp=dp, pp=p.pp, cp=p.cp, tp=p.tp, sequence_parallel=p.sequence_parallel and p.tp > 1)
+    layout = torch.arange(world).view(dp, p.pp, p.cp, p.tp)  # tp innermost: neighbours share the fastest links
+    grid.dp_rank, grid.pp_rank, grid.cp_rank, grid.tp_rank = (layout == rank).nonzero()[0].tolist()
+    axes = {"dp": (0,), "pp": (1,), "cp": (2,), "tp": (3,), "dp_cp": (0, 2)}
+    for name, dims in axes.items():
+        # Fix the other axes, run along these: each line of ranks is one group.
+        rest = [d for d in range(4) if d not in dims]
+        lines = layout.permute(*rest, *dims).reshape(-1, math.prod(layout.shape[d] for d in dims))
+        for line in lines.tolist():
+            group = dist.new_group(line) if dist.is_initialized() and len(line) > 1 else None
+            if rank in line:
+                grid.groups[name], grid.ranks[name] = group, line
+    if p.pp > 1:  # first and last stage share a tied embedding's gradient
+        for line in layout.permute(0, 2, 3, 1).reshape(-1, p.pp).tolist():
+            pair = [line[0], line[-1]]
+            group = dist.new_group(pair)
+            if rank in pair:
+                grid.groups["embed"], grid.ranks["embed"] = group, pair
+    return grid
+
+
+def _size(group):
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def all_reduce(x, group, op=dist.ReduceOp.SUM):
+    if _size(group) > 1:
+        dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Megatron's conjugate communication steps (Shoeybi et al. 2019, fig. 3; Korthikanti
+#    et al. 2022, fig. 5 for sequence parallelism). Each is identity on one pass and a
+#    collective on the other, so a tensor-parallel block needs one collective each way.
+
+class CopyToTP(torch.autograd.Function):
+    """f: identity forward; all-reduce backward (each rank's input grad is a partial sum)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_reduce(g.contiguous(), ctx.group), None
+
+
+class ReduceFromTP(torch.autograd.Function):
+    """g: all-reduce forward (sum the partial outputs); identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce(x.contiguous(), group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def _gather_seq(x, group):
+    parts = [torch.empty_like(x) for _ in range(_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+def _reduce_scatter_seq(x, group):
+    chunks = [c.contiguous() for c in x.chunk(_size(group), dim=1)]
+    out = torch.empty_like(chunks[0])
+    dist.reduce_scatter(out, chunks, group=group)
+    return out
+
+
+class GatherSeq(torch.autograd.Function):
+    """Sequence parallel's f: all-gather the sequence slices forward; reduce-scatter backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter_seq(g, ctx.group), None
+
+
+class ReduceScatterSeq(torch.autograd.Function):
+    """Sequence parallel's g: reduce-scatter forward (sum, keep my slice); all-gather backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather_seq(g, ctx.group), None
+
+
+def enter_tp(x, grid):
+    """Into a tensor-parallel region (before column-parallel linears)."""
+    group = grid.groups.get("tp")
+    if group is None:
+        return x
+    return GatherSeq.apply(x, group) if grid.sequence_parallel else CopyToTP.apply(x, group)
+
+
+def exit_tp(x, grid):
+    """Out of a tensor-parallel region (after row-parallel linears)."""
+    group = grid.groups.get("tp")
+    if group is None:
+        return x
+    return ReduceScatterSeq.apply(x, group) if grid.sequence_parallel else ReduceFromTP.apply(x, group)
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Tensor + sequence parallelism: surgery on the plain model.
+#    Column-parallel (output features split): q, k, v, gate, up, the LM head, the embedding
+#    rows (vocab). Row-parallel (input features split, outputs summed): o, down.
+#    Attention heads split with q/k/v; each rank attends with its own heads, no communication.
+
+COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROW = ("o_proj", "down_proj")
+
+
+def _shard(param, dim, grid):
+    return nn.Parameter(param.detach().chunk(grid.tp, dim=dim)[grid.tp_rank].clone())
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each tp rank holds vocab_size / tp rows; a token's vector comes from the rank that
+    owns its row, the others contribute zeros, and exit_tp sums (or reduce-scatters)."""
+
+    def __init__(self, embed, grid):
+        super().__init__()
+        self.grid = grid
+        self.weight = _shard(embed.weight, 0, grid)
+        self.start = grid.tp_rank * self.weight.shape[0]
+
+    def forward(self, ids):
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        h = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return exit_tp(h.masked_fill(outside[..., None], 0.0), self.grid)
+
+
+class VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy over logits split by vocabulary across tp ranks, without gathering them:
+    all-reduce the row max, the sum of exponentials and the target logit (Megatron-LM)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, start, group, ignore_index):
+        logits = logits.float()                                 # (N, V / tp)
+        n_local = logits.shape[-1]
+        row_max = all_reduce(logits.max(-1).values, group, dist.ReduceOp.MAX)
+        exp = (logits - row_max[:, None]).exp()
+        sum_exp = all_reduce(exp.sum(-1), group)
+        local_t = targets - start
+        mine = (local_t >= 0) & (local_t < n_local) & (targets != ignore_index)
+        local_t = local_t.clamp(0, n_local - 1)
+        target_logit = all_reduce(logits.gather(1, local_t[:, None]).squeeze(1) * mine, group)
+        valid = targets != ignore_index
+        n_valid = valid.sum().clamp(min=1)
+        loss = ((sum_exp.log() + row_max - target_logit) * valid).sum() / n_valid
+        ctx.save_for_backward(exp / sum_exp[:, None], local_t, mine, valid, n_valid)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        softmax, local_t, mine, valid, n_valid = ctx.saved_tensors
+        grad = softmax.clone()
+        rows = torch.arange(grad.shape[0], device=grad.device)
+        grad[rows, local_t] -= mine.float()
+        grad *= (valid.float() * g / n_valid)[:, None]
+        return grad, None, None, None, None
+
+
+def parallel_loss(model, grid, h, targets, ignore_index=-100):
+    """model.loss under tensor parallelism: the head's vocab shard, then the vocab-parallel loss."""
+    logits = F.linear(enter_tp(h, grid), model.lm_head.weight)  # (B, S, V / tp)
+    return VocabParallelCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(),
+                                           grid.tp_rank * logits.shape[-1], grid.groups["tp"], ignore_index)
+
+
+def apply_tensor_parallel(model, grid):
+    for i, block in enumerate(model.layers):
+        for part in (block.attn, block.mlp):
+            for name, child in part.named_children():
+                if name in COLUMN or name in ROW:
+                    dim = 0 if name in COLUMN else 1
+                    child.weight = _shard(child.weight, dim, grid)
+                    grid.tp_sharded[f"layers.{i}.{'attn' if part is block.attn else 'mlp'}.{name}.weight"] = dim
+                    if name in ROW:
+                        child.register_forward_hook(lambda mod, args, out: exit_tp(out, grid))
+        # The norm before each half hands its output to the tensor-parallel region: one
+        # f (or all-gather) for q, k and v together, one for gate and up.
+        for norm in (block.attn_norm, block.mlp_norm):
+            norm.register_forward_hook(lambda mod, args, out: enter_tp(out, grid))
+        if hasattr(block.attn, "q_norm"):  # QK-norm sees only this rank's heads
+            grid.tp_partial |= {f"layers.{i}.attn.q_norm.weight", f"layers.{i}.attn.k_norm.weight"}
+        if grid.sequence_parallel:  # norms see only this rank's slice of the sequence
+            grid.tp_partial |= {f"layers.{i}.attn_norm.weight", f"layers.{i}.mlp_norm.weight"}
+    if grid.sequence_parallel:
+        grid.tp_partial.add("norm.weight")
+    tied = model.lm_head.weight is model.embed.weight
+    model.embed = VocabParallelEmbedding(model.embed, grid)
+    model.lm_head.weight = model.embed.weight if tied else _shard(model.lm_head.weight, 0, grid)
+    grid.tp_sharded.update({"embed.weight": 0, "lm_head.weight": 0})
+    model.loss = partial(parallel_loss, model, grid)
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Context parallelism: ring attention (Liu et al. 2023) over load-balanced chunks.
+#    The sequence is cut into 2*cp chunks and rank i keeps chunks i and 2*cp-1-i, so every
+#    rank has the same share of the causal triangle (Llama 3 paper, section 3.3.2).
+#    Keys and values travel around the ring; each rank merges the partial attention of its
+#    queries over every block with the blocks' log-sum-exps.
+
+def context_chunks(t, grid):
+    """(B, S) -> (B, S / cp): this rank's two mirrored chunks, and their positions."""
+    n = 2 * grid.cp
+    chunks = t.chunk(n, dim=1)
+    c = chunks[0].shape[1]
+    mine = (grid.cp_rank, n - 1 - grid.cp_rank)
+    pos = torch.cat([torch.arange(i * c, (i + 1) * c, device=t.device) for i in mine])
+    return torch.cat([chunks[i] for i in mine], dim=1), pos
+
+
+def _repeat_kv(x, n_q_heads):
+    return x.repeat_interleave(n_q_heads // x.shape[1], dim=1)
+
+
+def _block_scores(q, k, scale, causal):
+    s = (q.float() @ _repeat_kv(k, q.shape[1]).float().transpose(-1, -2)) * scale  # (B, H, c, c)
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return s
+
+
+def _block_forward(q, k, v, scale, causal):
+    s = _block_scores(q, k, scale, causal)
+    lse = s.logsumexp(-1)                                                    # (B, H, c)
+    return (s - lse[..., None]).exp() @ _repeat_kv(v, q.shape[1]).float(), lse
+
+
+def _block_backward(q, k, v, dout, lse, delta, scale, causal):
+    """FlashAttention-2's backward for one block, with the softmax normaliser lse of the
+    whole ring: P = exp(S - lse), dV = P^T dO, dS = P * (dO V^T - delta), dQ = dS K, dK = dS^T Q."""
+    g = q.shape[1] // k.shape[1]
+    p = (_block_scores(q, k, scale, causal) - lse[..., None]).exp()
+    dv = p.transpose(-1, -2) @ dout
+    ds = p * (dout @ _repeat_kv(v, q.shape[1]).float().transpose(-1, -2) - delta[..., None])
+    dq = ds @ _repeat_kv(k, q.shape[1]).float() * scale
+    dk = ds.transpose(-1, -2) @ q.float() * scale
+    fold = lambda x: x.unflatten(1, (k.shape[1], g)).sum(2)  # noqa: E731  (grads of shared K/V heads add up)
+    return dq, fold(dk), fold(dv)
+
+
+def _ring_pass(t, grid):
+    """Send t to the next cp rank, receive the previous rank's; returns (buffer, requests)."""
+    buf = torch.empty_like(t)
+    ops = [dist.P2POp(dist.isend, t.contiguous(), grid.peer("cp", 1), grid.groups["cp"]),
+           dist.P2POp(dist.irecv, buf, grid.peer("cp", -1), grid.groups["cp"])]
+    return buf, dist.batch_isend_irecv(ops)
+
+
+def _ring_blocks(grid, step, causal):
+    """(q chunk slot, kv chunk slot, diagonal?) pairs to compute at this ring step: a query
+    chunk attends a key chunk with a lower index fully, its own causally, a higher one never."""
+    n = 2 * grid.cp
+    src = (grid.cp_rank - step) % grid.cp
+    q_ids, kv_ids = (grid.cp_rank, n - 1 - grid.cp_rank), (src, n - 1 - src)
+    return [(i, j, causal and a == b) for i, a in enumerate(q_ids) for j, b in enumerate(kv_ids)
+            if not causal or b <= a]
+
+
+class RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal, grid):
+        c = q.shape[2] // 2
+        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), device=q.device)
+        kv = torch.stack([k, v])
+        for step in range(grid.cp):
+            if step + 1 < grid.cp:  # overlap: the next block travels while this one is computed
+                kv_next, reqs = _ring_pass(kv, grid)
+            for i, j, diagonal in _ring_blocks(grid, step, causal):
+                qs, ks = slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c)
+                o, o_lse = _block_forward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], scale, diagonal)
+                new = torch.logaddexp(lse[:, :, qs], o_lse)   # merge by log-sum-exp
+                out[:, :, qs] = (out[:, :, qs] * (lse[:, :, qs] - new).exp()[..., None]
+                                 + o * (o_lse - new).exp()[..., None])
+                lse[:, :, qs] = new
+            if step + 1 < grid.cp:
+                for r in reqs:
+                    r.wait()
+                kv = kv_next
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.causal, ctx.grid = scale, causal, grid
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        grid, c = ctx.grid, q.shape[2] // 2
+        dout = dout.float()
+        delta = (dout * out).sum(-1)                                         # (B, H, S_local)
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        kv = torch.stack([k, v])
+        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)   # travels with its block
+        for step in range(grid.cp):
+            if step + 1 < grid.cp:
+                kv_next, reqs = _ring_pass(kv, grid)
+            for i, j, diagonal in _ring_blocks(grid, step, ctx.causal):
+                qs, ks = slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c)
+                dq_b, dk_b, dv_b = _block_backward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], dout[:, :, qs],
+                                                   lse[:, :, qs], delta[:, :, qs], ctx.scale, diagonal)
+                dq[:, :, qs] += dq_b
+                dkv[0][:, :, ks] += dk_b
+                dkv[1][:, :, ks] += dv_b
+            # After cp passes every block's dK/dV accumulator is back on the rank that owns it.
+            dkv_next, dreqs = _ring_pass(dkv, grid)
+            for r in dreqs + (reqs if step + 1 < grid.cp else []):
+                r.wait()
+            dkv = dkv_next
+            if step + 1 < grid.cp:
+                kv = kv_next
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+
+
+def ring_attention(q, k, v, causal=True, scale=None, grid=None):
+    """kernels.attention's signature over the cp group; q, k, v hold this rank's two chunks."""
+    return RingAttention.apply(q, k, v, scale or q.shape[-1] ** -0.5, causal, grid)
+
+
+# ----------------------------------------------------------------------------------------
+# 5. Pipeline parallelism: stage s keeps layers [L*s/pp, L*(s+1)/pp); the embedding lives
+#    on the first stage, the final norm, head and loss on the last. Micro-batches flow
+#    forward as activations and backward as their gradients, point to point.
+
+def apply_pipeline(model, grid):
+    n = len(model.layers)
+    lo, hi = n * grid.pp_rank // grid.pp, n * (grid.pp_rank + 1) // grid.pp
+    # A ModuleDict keyed by the global index keeps the names "layers.{i}...." of model.py.
+    model.layers = nn.ModuleDict({str(i): model.layers[i] for i in range(lo, hi)})
+    if not grid.first:
+        model.embed = None
+    if not grid.last:
+        model.norm, model.lm_head = None, None
+
+
+def stage_forward(model, grid, x, targets, pos):
+    """This stage's part of model.forward: ids (first stage) or hidden states in; hidden
+    states out, or the loss on the last stage."""
+    h = model.embed(x) if grid.first else x
+    cos, sin = model.rope(pos)
+    for layer in model.layers.values():
+        h = layer(h, cos, sin)
+    return model.loss(model.norm(h), targets) if grid.last else h
+
+
+def _p2p(sends=(), recvs=()):
+    """Batched point-to-point: sends and receives posted together never deadlock."""
+    ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, t, peer) for t, peer in recvs]
+    if ops:
+        for r in dist.batch_isend_irecv(ops):
+            r.wait()
+
+
+class Pipe:
+    """The four transfers of a stage, each a no-op where there is no neighbour."""
+
+    def __init__(self, grid, shape, dtype, device):
+        self.grid, self.shape, self.dtype, self.device = grid, shape, dtype, device
+        self.prev, self.next = grid.peer("pp", -1), grid.peer("pp", 1)
+
+    def _log(self, what):
+        if VERBOSE:
+            print(f"[pp {self.grid.pp_rank}] {what}", flush=True)
+
+    def _empty(self):
+        return torch.empty(self.shape, dtype=self.dtype, device=self.device, requires_grad=True)
+
+    def recv_forward(self):
+        if self.grid.first:
+            return None
+        x = self._empty()
+        self._log(f"<- activation from stage {self.grid.pp_rank - 1}")
+        _p2p(recvs=[(x.data, self.prev)])
+        return x
+
+    def send_forward(self, h):
+        if not self.grid.last:
+            self._log(f"-> activation to stage {self.grid.pp_rank + 1}")
+            _p2p(sends=[(h.detach(), self.next)])
+
+    def recv_backward(self):
+        if self.grid.last:
+            return None
+        g = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        self._log(f"<- gradient from stage {self.grid.pp_rank + 1}")
+        _p2p(recvs=[(g, self.next)])
+        return g
+
+    def send_backward(self, g):
+        if not self.grid.first:
+            self._log(f"-> gradient to stage {self.grid.pp_rank - 1}")
+            _p2p(sends=[(g, self.prev)])
+
+    def send_forward_recv_backward(self, h):
+        if self.grid.last:
+            return None
+        g = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        self._log(f"-> activation to / <- gradient from stage {self.grid.pp_rank + 1}")
+        _p2p(sends=[(h.detach(), self.next)], recvs=[(g, self.next)])
+        return g
+
+    def send_backward_recv_forward(self, g):
+        if self.grid.first:
+            return None
+        x = self._empty()
+        self._log(f"-> gradient to / <- activation from stage {self.grid.pp_rank - 1}")
+        _p2p(sends=[(g, self.prev)], recvs=[(x.data, self.prev)])
+        return x
+
+
+def pipeline_schedule(model, grid, chunks, pos, scale, schedule, pipe, before_last_backward, autocast):
+    """Run forward and backward of every micro-batch in chunks [(inputs, targets)] with the
+    AFAB (GPipe) or 1F1B (PipeDream-Flush) order. Returns the summed loss (last stage)."""
+    m, stash, losses = len(chunks), [], []
+
+    def forward(i, x):
+        with autocast:
+            out = stage_forward(model, grid, x if x is not None else chunks[i][0], chunks[i][1], pos)
+        if grid.last:
+            losses.append(out.detach().float())
+        stash.append((x, out))
+        return out
+
+    def backward(i, grad):
+        if i == m - 1:
+            before_last_backward()
+        x, out = stash.pop(0)
+        torch.autograd.backward(out * scale if grid.last else out, None if grid.last else grad)
+        return None if grid.first else x.grad
+
+    if schedule == "afab":  # all forwards, then all backwards: simple, holds m activations
+        for i in range(m):
+            pipe.send_forward(forward(i, pipe.recv_forward()))
+        for i in range(m):
+            pipe.send_backward(backward(i, pipe.recv_backward()))
+        return sum(losses)
+    # 1F1B: warm-up forwards fill the pipeline, then each forward is followed by the oldest
+    # backward, so a stage holds at most pp - stage activations instead of m.
+    warmup = min(grid.pp - grid.pp_rank - 1, m)
+    steady = m - warmup
+    for i in range(warmup):
+        pipe.send_forward(forward(i, pipe.recv_forward()))
+    x = pipe.recv_forward() if steady else None
+    for j in range(steady):
+        grad = pipe.send_forward_recv_backward(forward(warmup + j, x))
+        g_in = backward(j, grad)
+        if j == steady - 1:
+            pipe.send_backward(g_in)
+        else:
+            x = pipe.send_backward_recv_forward(g_in)
+    for j in range(steady, m):  # cool-down: the backwards left from warm-up
+        pipe.send_backward(backward(j, pipe.recv_backward()))
+    return sum(losses)
+
+
+def apply_recompute(model):
+    """Keep only each block's input for backward and recompute the rest (Chen et al. 2016)."""
+    blocks = model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers
+    for block in blocks:
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def parallelize(model, grid, p):
+    """Apply the layout to a full model built identically (same seed) on every rank."""
+    grid.tied_head = model.lm_head.weight is model.embed.weight
+    if grid.tp > 1:
+        apply_tensor_parallel(model, grid)
+    if grid.cp > 1:
+        for block in model.layers:
+            block.attn.attn_fn = partial(ring_attention, grid=grid)
+    if grid.pp > 1:
+        apply_pipeline(model, grid)
+    if p.recompute:
+        apply_recompute(model)
+    return model
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Data parallelism: gradients are averaged over the dp x cp ranks in buckets of about
+#    bucket_mb, each launched asynchronously from a backward hook as soon as its last
+#    gradient is accumulated, so communication overlaps the rest of backward (PyTorch DDP,
+#    Li et al. 2020). Parameters and gradients live in one flat buffer per bucket.
+#    ZeRO-1 (Rajbhandari et al. 2020): reduce-scatter instead of all-reduce, each rank keeps
+#    AdamW state for and updates only its 1/dp of every bucket, then all-gathers parameters.
+
+class Bucket:
+    def __init__(self, named, n_ranks, device):
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        numel = sum(p.numel() for p in self.params)
+        numel += -numel % n_ranks  # pad so the bucket splits evenly across ranks
+        self.data = torch.zeros(numel, device=device)
+        self.grad = torch.zeros(numel, device=device)
+        self.offsets, offset = [], 0
+        for p in self.params:
+            self.data[offset:offset + p.numel()].copy_(p.detach().flatten())
+            p.data = self.data[offset:offset + p.numel()].view_as(p)
+            p.grad = self.grad[offset:offset + p.numel()].view_as(p)  # autograd accumulates in place
+            self.offsets.append(offset)
+            offset += p.numel()
+        self.shard = self.grad.chunk(n_ranks)[0].clone()  # this rank's reduced slice (ZeRO)
+        self.ready, self.handle = 0, None
+
+
+class DataParallel:
+    def __init__(self, model, grid, zero=False, bucket_mb=25.0):
+        self.grid = grid
+        self.group = grid.groups.get("dp_cp")
+        self.n = _size(self.group)
+        self.rank = grid.dp_rank * grid.cp + grid.cp_rank
+        self.zero = zero and self.n > 1
+        self.sync = True     # False on gradient-accumulation micro-steps but the last
+        self.events = []     # ("launch", bucket index) as they happen, for tests and VERBOSE
+        self.buckets = []
+        if self.n == 1:
+            return
+        device = next(model.parameters()).device
+        named, size = [], 0
+        for name, p in reversed(list(model.named_parameters())):  # backward meets the last layers first
+            named.append((name, p))
+            size += p.numel() * 4
+            if size >= bucket_mb * 2**20:
+                self.buckets.append(Bucket(named, self.n, device))
+                named, size = [], 0
+        if named:
+            self.buckets.append(Bucket(named, self.n, device))
+        for b, bucket in enumerate(self.buckets):
+            for p in bucket.params:
+                p.register_post_accumulate_grad_hook(partial(self._grad_ready, b))
+
+    def _grad_ready(self, b, _param):
+        bucket = self.buckets[b]
+        if not self.sync:
+            return
+        bucket.ready += 1
+        if bucket.ready == len(bucket.params):
+            self._launch(b)
+
+    def _launch(self, b):
+        bucket = self.buckets[b]
+        self.events.append(("launch", b))
+        bucket.grad /= self.n  # average: the loss of each rank is a mean over its own tokens
+        if self.zero:
+            bucket.handle = dist.reduce_scatter_tensor(bucket.shard, bucket.grad, group=self.group, async_op=True)
+        else:
+            bucket.handle = dist.all_reduce(bucket.grad, group=self.group, async_op=True)
+
+    def finish(self):
+        """Wait for every bucket's reduction (launching any whose hooks did not all fire)."""
+        for b, bucket in enumerate(self.buckets):
+            if bucket.handle is None:
+                self._launch(b)
+            bucket.handle.wait()
+            bucket.handle, bucket.ready = None, 0
+
+    def zero_grad(self, model):
+        if self.buckets:
+            for bucket in self.buckets:
+                bucket.grad.zero_()
+        else:
+            model.zero_grad(set_to_none=True)
+
+    def optimizer_params(self, model):
+        """(name, tensor) pairs the optimizer updates: every parameter, or under ZeRO-1 the
+        pieces of parameters that fall in this rank's slice of each bucket (views of the
+        flat buffers, with gradients viewing the reduced slice). Names are canonical: a tied
+        head on the last pipeline stage is the embedding, and is treated as one."""
+        if not self.zero:
+            return [(canonical(n, self.grid), p) for n, p in model.named_parameters()]
+        pieces = []
+        for bucket in self.buckets:
+            chunk = bucket.data.numel() // self.n
+            lo, hi = self.rank * chunk, (self.rank + 1) * chunk
+            for name, p, off in zip(bucket.names, bucket.params, bucket.offsets):
+                a, b = max(lo, off), min(hi, off + p.numel())
+                if a < b:
+                    piece = bucket.data[a:b]
+                    piece.grad = bucket.shard[a - lo:b - lo]
+                    piece.zero_slot = (bucket, a - lo, a - off)  # its place in my slice, in its parameter
+                    pieces.append((canonical(name, self.grid), piece))
+        return pieces
+
+    def after_step(self):
+        """ZeRO-1: every rank gets the others' updated slices."""
+        if self.zero:
+            for bucket in self.buckets:
+                mine = bucket.data.chunk(self.n)[self.rank].clone()
+                dist.all_gather_into_tensor(bucket.data, mine, group=self.group)
+
+
+# ----------------------------------------------------------------------------------------
+# 7. The training step
+
+def forward_backward(model, grid, dp, batches, pcfg, autocast=contextlib.nullcontext(), backward=True):
+    """One optimizer step's forward and backward over batches [(inputs, targets)] (one per
+    gradient-accumulation micro-step), in every layout. Returns the mean loss over the
+    global batch, the same number on every rank. Every path scales each loss by
+    1 / (micro-steps x pipeline micro-batches), so all layouts average the same way."""
+    param = next(model.parameters())
+    total = torch.zeros((), device=param.device)
+    for k, (x, y) in enumerate(batches):
+        pos = torch.arange(x.shape[1], device=x.device)
+        if grid.cp > 1:
+            (x, pos), (y, _) = context_chunks(x, grid), context_chunks(y, grid)
+        last_step = k == len(batches) - 1
+        if grid.pp > 1:
+            m = pcfg.microbatches or len(x)
+            chunks = list(zip(x.chunk(m), y.chunk(m)))
+            seq = x.shape[1] // (grid.tp if grid.sequence_parallel else 1)
+            pipe = Pipe(grid, (len(x) // m, seq, model.cfg.d_model), param.dtype, x.device)
+            if backward:  # reduce gradients only during the very last backward of the step
+                dp.sync = False
+                loss = pipeline_schedule(model, grid, chunks, pos, 1.0 / (len(batches) * m), pcfg.pp_schedule,
+                                         pipe, lambda: setattr(dp, "sync", last_step), autocast)
+            else:
+                with torch.no_grad():
+                    loss = forward_only_pipeline(model, grid, chunks, pos, pipe, autocast)
+            total += loss / m if grid.last else 0.0
+        else:
+            dp.sync = last_step
+            with torch.set_grad_enabled(backward), autocast:
+                loss = model(x, y, pos=pos)
+            if backward:
+                (loss / len(batches)).backward()
+            total += loss.detach().float()
+    loss = total / len(batches)
+    if grid.pp > 1:  # the loss is known on the last stage only
+        loss = all_reduce(loss if grid.last else torch.zeros_like(loss), grid.groups.get("pp"))
+    loss = all_reduce(loss, grid.groups.get("dp_cp")) / (grid.dp * grid.cp)
+    if backward:
+        finish_grads(model, grid, dp)
+    return loss
+
+
+def forward_only_pipeline(model, grid, chunks, pos, pipe, autocast):
+    """Validation through the pipeline: forwards only; the summed loss on the last stage."""
+    losses = []
+    for inputs, targets in chunks:
+        x = pipe.recv_forward()
+        with autocast:
+            out = stage_forward(model, grid, x.detach() if x is not None else inputs, targets, pos)
+        if grid.last:
+            losses.append(out.float())
+        else:
+            pipe.send_forward(out)
+    return sum(losses) if losses else 0.0
+
+
+def finish_grads(model, grid, dp):
+    """After backward: finish the data-parallel reduction, sum partial gradients of
+    replicated parameters over tp, and sum a tied embedding's two halves over pp."""
+    dp.finish()
+    params = dict(model.named_parameters())
+    for name in sorted(grid.tp_partial):
+        if name in params:
+            all_reduce(params[name].grad, grid.groups.get("tp"))
+    if grid.tied_head and grid.pp > 1:
+        name = "embed.weight" if grid.first else "lm_head.weight"
+        all_reduce(params[name].grad, grid.groups.get("embed"))
+
+
+def counts_once(name, grid):
+    """Whether this rank's copy of a gradient counts in the global norm: a tp-replicated
+    parameter counts on tp rank 0 only, the embedding (tied head) on the first stage only."""
+    if name == "embed.weight" and not grid.first:
+        return False
+    return name in grid.tp_sharded or grid.tp_rank == 0
+
+
+def clip_grad_norm(named, max_norm, grid, zero):
+    """Global gradient norm over every shard in the grid; clip to max_norm (0: no clipping)."""
+    grads = [t.grad for n, t in named if t.grad is not None and counts_once(n, grid)]
+    sq = torch.zeros((), device=named[0][1].device)
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+        sq += g.float().pow(2).sum()
+    for axis in ("tp", "pp") + (("dp_cp",) if zero else ()):
+        sq = all_reduce(sq, grid.groups.get(axis))
+    norm = sq.sqrt()
+    if max_norm:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for _, t in named:
+            if t.grad is not None:
+                t.grad.mul_(coef)
+    return norm
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Consolidated state: checkpoints hold full tensors under model.py's names, whatever the
+#    layout that wrote them.
+
+def canonical(name, grid):
+    return "embed.weight" if grid.tied_head and name == "lm_head.weight" else name
+
+
+def full_tensors(local, grid):
+    """{name: local tensor} on every rank -> {name: full tensor} on global rank 0 ({} elsewhere).
+    Replicas (dp, cp, and a tied head on the last stage) are sent once; tp shards are
+    concatenated in tp order along the dimension they were split on."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    send = {}
+    if grid.dp_rank == 0 and grid.cp_rank == 0:
+        # A copy, not a view: an asynchronous writer reads it while training changes the original.
+        send = {canonical(n, grid): t.detach().to("cpu", copy=True) for n, t in local.items()
+                if not (_base(canonical(n, grid)) == "embed.weight" and not grid.first)}
+    if world == 1:
+        return send
+    gathered = [None] * world if dist.get_rank() == 0 else None
+    dist.gather_object((grid.tp_rank, send), gathered, dst=0)
+    if dist.get_rank() != 0:
+        return {}
+    shards = {}
+    for tp_rank, part in gathered:
+        for name, t in part.items():
+            shards.setdefault(name, {})[tp_rank] = t
+    return {name: torch.cat([s[r] for r in sorted(s)], dim=grid.tp_sharded[_base(name)])
+            if _base(name) in grid.tp_sharded and s[0].dim() else s[0] for name, s in shards.items()}
+
+
+def _base(name):
+    """The parameter a state entry belongs to: 'layers.0.attn.q_proj.weight.exp_avg' -> '...weight'."""
+    for suffix in (".exp_avg_sq", ".exp_avg", ".step"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def local_slice(name, full, grid):
+    """This rank's piece of a full tensor for parameter (or parameter state) name."""
+    dim = grid.tp_sharded.get(_base(name))
+    if dim is None or full.dim() == 0:
+        return full
+    return full.chunk(grid.tp, dim=dim)[grid.tp_rank]
+
+
+def optimizer_state(optimizer, named, dp):
+    """{NAME.exp_avg / NAME.exp_avg_sq / NAME.step: tensor} for this rank's local parameters;
+    under ZeRO-1 each bucket's slices of the moments are all-gathered from the dp ranks."""
+    state = {}
+    if not dp.zero:
+        for name, p in named:
+            for key, value in optimizer.state.get(p, {}).items():
+                state[f"{name}.{key}"] = value
+        return state
+    step = next(iter(optimizer.state.values()))["step"] if optimizer.state else torch.zeros(())
+    for bucket in dp.buckets:
+        for key in ("exp_avg", "exp_avg_sq"):
+            mine = torch.zeros_like(bucket.shard)
+            for _, piece in named:
+                if piece.zero_slot[0] is bucket and piece in optimizer.state:
+                    start = piece.zero_slot[1]
+                    mine[start:start + piece.numel()] = optimizer.state[piece][key]
+            full = torch.empty_like(bucket.data)
+            dist.all_gather_into_tensor(full, mine, group=dp.group)
+            for name, p, off in zip(bucket.names, bucket.params, bucket.offsets):
+                state[f"{name}.{key}"] = full[off:off + p.numel()].view_as(p).clone()
+        for name in bucket.names:
+            state[f"{name}.step"] = step.clone()
+    return state
+
+
+def load_optimizer_state(optimizer, named, full, grid, device):
+    """Put consolidated AdamW state back: sliced to this rank's tp shard, and under ZeRO-1
+    to the piece of the flat parameter that this rank updates."""
+    for name, t in named:
+        if f"{canonical(name, grid)}.exp_avg" not in full:
+            continue
+        state = {}
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            value = local_slice(name, full[f"{canonical(name, grid)}.{key}"], grid)
+            if key != "step" and hasattr(t, "zero_slot"):
+                start = t.zero_slot[2]
+                value = value.flatten()[start:start + t.numel()]
+            state[key] = value.to(device) if key != "step" else value.cpu()
+        optimizer.state[t] = state

@@ -11,10 +11,13 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -77,6 +80,9 @@ class CheckpointConfig:
     dir: str = ""               # "" : <log.dir>/checkpoints
     every: int = 0              # steps between checkpoints; 0: only at the end
     keep: int = 3               # most recent checkpoints kept
+    keep_every: int = 0         # also keep every checkpoint at a multiple of this many steps, forever
+    keep_hours: float = 0.0     # also keep one checkpoint per this many hours of training, forever
+    asynchronous: bool = True   # write from a CPU snapshot on a background thread while training goes on
 
 
 @dataclass
@@ -88,7 +94,10 @@ class LogConfig:
 @dataclass
 class EvalConfig:
     every: int = 0              # benchmark tasks (eval.py) every N steps; 0: never
-    tasks: str = ""
+    tasks: str = ""             # "hellaswag=path.jsonl,arc_easy=path.jsonl" (eval.py --tasks)
+    limit: int = 200            # a fixed random subset of N examples per task; 0: all
+    mode: str = choice("norm", "pmi", "letter")  # cloze (norm), cloze + PMI, or A/B/C/D letters
+    shots: int = 0
     val_every: int = 100        # validation loss every N steps (and at the end); 0: only at the end
     val_batches: int = 10
 
@@ -99,6 +108,10 @@ class TrainConfig:
     dtype: str = choice("auto", "float32", "bfloat16")  # auto: bf16 autocast on cuda, fp32 on cpu
     kernels: str = choice("auto", "torch", "triton")
     compile: bool = False
+    skip_nonfinite: bool = True  # a NaN/inf loss or gradient norm skips the update instead of applying it
+    spike_factor: float = 0.0   # a loss above this x its running mean skips the update; 0: off
+    spike_window: int = 20      # steps of running mean (and of warm-up before spikes are judged)
+    max_spikes: int = 3         # consecutive skipped steps that roll back to the last checkpoint
 
 
 @dataclass
@@ -201,13 +214,13 @@ def check_data_paths(cfg):
 # ----------------------------------------------------------------------------------------
 # Optimizer and learning-rate schedule
 
-def build_optimizer(model, o: OptimConfig, device):
-    """AdamW; weight decay only on matrices of the blocks and the head. Norm gains and
-    embeddings are not decayed: shrinking them toward 0 is not a useful prior (GPT-3,
-    nanoGPT); a tied head is the embedding and follows it."""
+def build_optimizer(named, o: OptimConfig, device):
+    """AdamW over (name, tensor) pairs; weight decay only on matrices of the blocks and the
+    head. Norm gains and embeddings are not decayed: shrinking them toward 0 is not a
+    useful prior (GPT-3, nanoGPT); a tied head is the embedding and follows it."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    for name, p in named:
+        (decay if name.endswith("proj.weight") or name == "lm_head.weight" else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                              fused=device.type == "cuda")
@@ -251,18 +264,17 @@ def step_dirs(ckpt_dir):
     return sorted(os.path.join(ckpt_dir, d) for d in os.listdir(ckpt_dir) if d.startswith("step_"))
 
 
-def save_checkpoint(ckpt_dir, step, model, optimizer, state, cfg):
+def save_checkpoint(ckpt_dir, step, weights, moments, state, cfg, permanent=False):
+    """Write full (consolidated) tensors and state as step_NNNNNNN, atomically: files go to
+    a temporary directory that is renamed only once the manifest is written. Then drop old
+    checkpoints beyond the newest checkpoint.keep, except permanent ones."""
     from safetensors.torch import save_file
     final = os.path.join(ckpt_dir, f"step_{step:07d}")
     tmp = os.path.join(ckpt_dir, f".tmp_step_{step:07d}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    names = {p: n for n, p in model.named_parameters()}
-    save_file({n: p.detach().float().cpu().contiguous() for p, n in names.items()},
-              os.path.join(tmp, "model.safetensors"))
-    moments = {f"{names[p]}.{k}": v.detach().cpu().contiguous()
-               for p, s in optimizer.state.items() for k, v in s.items() if torch.is_tensor(v)}
-    save_file(moments, os.path.join(tmp, "optimizer.safetensors"))
+    save_file({n: t.float().contiguous() for n, t in weights.items()}, os.path.join(tmp, "model.safetensors"))
+    save_file({n: t.contiguous() for n, t in moments.items()}, os.path.join(tmp, "optimizer.safetensors"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(state, f)
     with open(os.path.join(tmp, "config.toml"), "w") as f:
@@ -272,12 +284,23 @@ def save_checkpoint(ckpt_dir, step, model, optimizer, state, cfg):
     files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": sha256(os.path.join(tmp, n))}
              for n in sorted(os.listdir(tmp))}
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
-        json.dump({"step": step, "files": files}, f, indent=1)
+        json.dump({"step": step, "keep": permanent, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in step_dirs(ckpt_dir)[:-cfg.checkpoint.keep or None]:
-        shutil.rmtree(old)
+        if not read_manifest(old).get("keep"):
+            shutil.rmtree(old)
     return final
+
+
+def read_manifest(path):
+    try:
+        with open(os.path.join(path, "manifest.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def verify_checkpoint(path):
@@ -296,37 +319,47 @@ def verify_checkpoint(path):
             raise ValueError(f"{p}: size or sha256 differs from the manifest (corrupt or truncated)")
 
 
-def load_weights(model, path):
+def load_weights(model, path, grid=None):
+    """Copy a checkpoint's full weights into model, each rank taking its own shard."""
     from safetensors.torch import load_file
+    grid = grid or parallel.Grid()
     tensors = load_file(os.path.join(path, "model.safetensors"))
-    params = dict(model.named_parameters())
-    for what, names in (("missing", set(params) - set(tensors)), ("unexpected", set(tensors) - set(params))):
+    params = {n: p for n, p in model.named_parameters()}
+    missing = sorted(n for n in params if parallel.canonical(n, grid) not in tensors)
+    unexpected = sorted(set(tensors) - set(params)) if grid.tp * grid.pp == 1 else []
+    for what, names in (("missing", missing), ("unexpected", unexpected)):
         if names:
-            raise ValueError(f"{path}/model.safetensors: {what} tensors {sorted(names)[:5]}")
+            raise ValueError(f"{path}/model.safetensors: {what} tensors {names[:5]}")
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(tensors[n])
+            p.copy_(parallel.local_slice(n, tensors[parallel.canonical(n, grid)], grid))
 
 
-def load_optimizer(optimizer, model, path):
-    from safetensors.torch import load_file
-    moments = load_file(os.path.join(path, "optimizer.safetensors"))
-    for name, p in model.named_parameters():
-        keys = [k for k in moments if k.rsplit(".", 1)[0] == name]
-        if keys:
-            optimizer.state[p] = {k.rsplit(".", 1)[1]: moments[k].to(p.device) for k in keys}
-            optimizer.state[p]["step"] = optimizer.state[p]["step"].cpu()  # AdamW keeps step on the CPU
+def newest_good_checkpoint(ckpt_dir, before=None):
+    """The newest checkpoint (at a step <= before) whose files match its manifest; each one
+    skipped is reported by name and reason."""
+    for path in reversed(step_dirs(ckpt_dir)):
+        if before is not None and int(path.rsplit("_", 1)[1]) > before:
+            continue
+        try:
+            verify_checkpoint(path)
+            return path
+        except ValueError as e:
+            print(f"checkpoint {path} is unusable, skipping it: {e}", flush=True)
+    return None
 
 
 def resolve_resume(ckpt_dir, resume):
-    """--resume latest | STEP | DIR -> a checkpoint directory (or None for a fresh start)."""
+    """--resume auto | latest | STEP | DIR -> a checkpoint directory, or None for a fresh start.
+    auto: the newest good checkpoint, or a fresh start when there is none (safe in a restart
+    loop); latest: the newest good one, an error when there is none."""
     if resume is None:
         return None
-    if resume == "latest":
-        found = step_dirs(ckpt_dir)
-        if not found:
-            raise FileNotFoundError(f"--resume latest: no checkpoint in {ckpt_dir}")
-        return found[-1]
+    if resume in ("auto", "latest"):
+        path = newest_good_checkpoint(ckpt_dir)
+        if path is None and resume == "latest":
+            raise FileNotFoundError(f"--resume latest: no usable checkpoint in {ckpt_dir}")
+        return path
     path = os.path.join(ckpt_dir, f"step_{int(resume):07d}") if resume.isdigit() else resume
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--resume {resume}: {path} does not exist")
@@ -369,10 +402,15 @@ class MetricsLog:
     def __init__(self, run_dir, enabled, resume_step=None):
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        if enabled and resume_step is not None and os.path.exists(self.path):
-            # Lines past the checkpoint came from the interrupted run: the resumed run redoes them.
+        if resume_step is not None:
+            self.rewind(resume_step)
+
+    def rewind(self, step):
+        """Drop the metrics past a checkpoint we go back to (resume, rollback): the run redoes
+        those steps. Event lines (skips, rollbacks, preemptions) stay as history."""
+        if self.enabled and os.path.exists(self.path):
             with open(self.path) as f:
-                keep = [line for line in f if json.loads(line)["step"] <= resume_step]
+                keep = [line for line in f if "event" in (r := json.loads(line)) or r["step"] <= step]
             with open(self.path, "w") as f:
                 f.writelines(keep)
 
@@ -424,6 +462,100 @@ def estimate(cfg, gpu="H100", mfu=0.4, usd_per_hour=2.5):
 
 
 # ----------------------------------------------------------------------------------------
+# Surviving faults: background checkpoint writes, preemption signals, loss spikes
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL, "try again": a restart loop or Slurm requeue resumes with --resume auto
+
+
+class Preempted(Exception):
+    """Raised at a step boundary after a stop signal, once the checkpoint is on disk."""
+
+
+class CheckpointWriter:
+    """Runs checkpoint writes on a background thread from a CPU snapshot, so training goes
+    on while files are written; a new write (or the end of training) first waits for the
+    previous one. A failed write is reported, never silently lost; the checkpoints already
+    on disk are untouched because a write only becomes visible by its final rename."""
+
+    def __init__(self, asynchronous):
+        self.asynchronous, self.thread, self.error = asynchronous, None, None
+
+    def _run(self, write):
+        try:
+            write()
+        except Exception as e:  # reported by wait() to the training loop
+            self.error = e
+
+    def submit(self, write):
+        self.wait()
+        if self.asynchronous:
+            self.thread = threading.Thread(target=self._run, args=(write,), name="checkpoint-writer")
+            self.thread.start()
+        else:
+            self._run(write)
+
+    def busy(self):
+        return self.thread is not None and self.thread.is_alive()
+
+    def wait(self):
+        """Block until the write in flight is done; return its exception, if it failed."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        error, self.error = self.error, None
+        return error
+
+
+def catch_stop_signals():
+    """SIGTERM and SIGUSR1 (what Slurm sends before a time limit or preemption) only set a
+    flag; the loop checkpoints at the next step boundary. Returns (flag, restore)."""
+    flag = {}
+
+    def handler(signum, frame):
+        flag["signal"] = signal.Signals(signum).name
+
+    if threading.current_thread() is not threading.main_thread():
+        return flag, lambda: None
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    return flag, lambda: [signal.signal(sig, h) for sig, h in previous.items()]
+
+
+class SpikeGuard:
+    """Decides whether a step's update is applied. A non-finite loss or gradient norm, or a
+    loss above spike_factor x its running mean, skips the update (the batch is consumed);
+    max_spikes skips in a row ask for a rollback to the last checkpoint (PaLM, section 5.1:
+    restart before the spike and skip the batches that caused it)."""
+
+    def __init__(self, t: TrainConfig):
+        self.t, self.mean, self.seen, self.in_a_row = t, None, 0, 0
+
+    def verdict(self, loss, grad_norm):
+        """None (apply), "nonfinite" or "spike" (skip)."""
+        if self.t.skip_nonfinite and not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            return "nonfinite"
+        if self.t.spike_factor and self.seen >= self.t.spike_window and loss > self.t.spike_factor * self.mean:
+            return "spike"
+        return None
+
+    def accept(self, loss):
+        alpha = 2 / (self.t.spike_window + 1)  # an EMA spanning about spike_window steps
+        self.mean = loss if self.mean is None else (1 - alpha) * self.mean + alpha * loss
+        self.seen, self.in_a_row = self.seen + 1, 0
+
+    def reject(self):
+        self.in_a_row += 1
+        return self.in_a_row >= self.t.max_spikes  # time to roll back
+
+
+def world_max(flag, device):
+    """The same decision on every rank: whether any rank raised its flag."""
+    t = torch.tensor([float(flag)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# ----------------------------------------------------------------------------------------
 # The training loop
 
 def setup_device(cfg, local_rank):
@@ -440,102 +572,211 @@ def train(cfg, resume=None):
     rank, world, local_rank = parallel.init_distributed()
     device, autocast = setup_device(cfg, local_rank)
     d, o = cfg.data, cfg.optim
-    if cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp != 1:
-        raise ConfigError("parallel.tp, pp and cp > 1 arrive with the parallelism of parallel.py")
+    try:
+        grid = parallel.make_grid(cfg.parallel, cfg.model, d)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     master = rank == 0
     run_dir = cfg.log.dir
     ckpt_dir = cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints")
-    start = resolve_resume(ckpt_dir, resume)
+    if master and os.path.isdir(ckpt_dir):
+        for leftover in (n for n in os.listdir(ckpt_dir) if n.startswith(".tmp_")):
+            shutil.rmtree(os.path.join(ckpt_dir, leftover))  # a write cut short by a crash
+    start = resolve_resume(ckpt_dir, resume) if master else None
+    if dist.is_initialized():  # rank 0 checked the files; everyone resumes from its choice
+        box = [start]
+        dist.broadcast_object_list(box, src=0)
+        start = box[0]
 
-    torch.manual_seed(d.seed)  # the same initial weights on every rank
-    model = Transformer(cfg.model).to(device)
-    optimizer = build_optimizer(model, o, device)
-    loader = data.Loader(d.train, d.seq_len, d.micro_batch, rank, world, d.seed)
-    val_loader = data.Loader(d.val, d.seq_len, d.micro_batch, rank, world, shuffle=False, key="data.val") \
-        if d.val else None
+    torch.manual_seed(d.seed)  # the same full model on every rank; parallelize keeps each rank's part
+    model = Transformer(cfg.model)
+    n_params, flops_per_token = model.num_params(), model.flops_per_token(d.seq_len)
+    parallel.parallelize(model, grid, cfg.parallel)
+    model.to(device)
+    dp = parallel.DataParallel(model, grid, zero=cfg.parallel.zero == 1)
+    named = dp.optimizer_params(model)
+    optimizer = build_optimizer(named, o, device)
+    # Ranks of one data-parallel slot (tp, pp and cp peers) read the same sequences.
+    loader = data.Loader(d.train, d.seq_len, d.micro_batch, grid.dp_rank, grid.dp, d.seed)
+    val_loader = data.Loader(d.val, d.seq_len, d.micro_batch, grid.dp_rank, grid.dp, shuffle=False,
+                             key="data.val") if d.val else None
     token_bytes = torch.tensor(data.token_byte_lengths(data.tokenizer_path(d.train)), device=device)
     step, counters = 0, {"tokens": 0, "seconds": 0.0}
-    if start:
-        verify_checkpoint(start)
-        load_weights(model, start)
-        load_optimizer(optimizer, model, start)
-        with open(os.path.join(start, "state.json")) as f:
+
+    def restore(path):
+        nonlocal step, counters
+        from safetensors.torch import load_file
+        load_weights(model, path, grid)
+        parallel.load_optimizer_state(optimizer, named, load_file(os.path.join(path, "optimizer.safetensors")),
+                                      grid, device)
+        with open(os.path.join(path, "state.json")) as f:
             state = json.load(f)
         step, counters = state["step"], state["counters"]
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+
+    if start:
+        restore(start)
     if master:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.toml"), "w") as f:
             f.write(to_toml(cfg))
-        print(f"model: {model.num_params() / 1e6:.2f}M parameters, {world} process(es) on {device}"
+        layout = f"dp{grid.dp} tp{grid.tp} pp{grid.pp} cp{grid.cp}" + (" sp" if grid.sequence_parallel else "") \
+            + (" zero1" if dp.zero else "")
+        print(f"model: {n_params / 1e6:.2f}M parameters, {world} process(es) ({layout}) on {device}"
               + (f", resumed from {start}" if start else ""))
     log = MetricsLog(run_dir, master, step if start else None)
-    fwd_model = torch.compile(model) if cfg.train.compile else model
-    tokens_per_step = d.seq_len * d.micro_batch * d.grad_accum * world
-    flops_per_step = model.flops_per_token(d.seq_len) * tokens_per_step
+    if cfg.train.compile:
+        model.compile()
+    tokens_per_step = d.seq_len * d.micro_batch * d.grad_accum * grid.dp
     peak = peak_flops(device)
+    writer = CheckpointWriter(cfg.checkpoint.asynchronous)
+    guard = SpikeGuard(cfg.train)
+    stop, restore_signals = catch_stop_signals()
+    last_kept = time.time()
+
+    def report_failed_write(block=False):
+        error = writer.wait() if block or not writer.busy() else None
+        if error:
+            log.write({"step": step, "event": "checkpoint_failed", "error": str(error)},
+                      f"step {step:>6} | checkpoint write FAILED, earlier checkpoints are intact: {error}")
 
     def save():
-        state = {"step": step, "counters": counters, "loader": loader.state_dict(),
+        """Snapshot the consolidated state to CPU memory (the only part training waits
+        for when asynchronous) and hand the write to the writer."""
+        nonlocal last_kept
+        t0 = time.perf_counter()
+        report_failed_write(block=True)  # one write in flight at a time
+        weights = parallel.full_tensors(dict(model.named_parameters()), grid)
+        moments = parallel.full_tensors(parallel.optimizer_state(optimizer, named, dp), grid)
+        state = {"step": step, "counters": dict(counters), "loader": loader.state_dict(),
                  "rng": torch.get_rng_state().tolist()}
+        keep = cfg.checkpoint
+        permanent = bool(keep.keep_every and step % keep.keep_every == 0) or \
+            bool(keep.keep_hours and time.time() - last_kept >= keep.keep_hours * 3600)
+        last_kept = time.time() if permanent else last_kept
         if master:
-            save_checkpoint(ckpt_dir, step, model, optimizer, state, cfg)
+            writer.submit(partial(save_checkpoint, ckpt_dir, step, weights, moments, state, cfg, permanent))
+        stall = time.perf_counter() - t0
+        log.write({"step": step, "event": "checkpoint", "stall_s": stall, "asynchronous": writer.asynchronous},
+                  f"step {step:>6} | checkpoint {'queued' if writer.asynchronous else 'written'}, "
+                  f"training stalled {stall:.2f}s")
 
     def validate():
         if not val_loader:
             return
         val_loader.load_state_dict({**val_loader.state_dict(), "epoch": 0, "pos": 0})
-        loss, bpb = evaluation.loss_and_bpb(fwd_model, val_loader, cfg.eval.val_batches, token_bytes, autocast)
+        model.eval()
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss x tokens, bytes (whole dp group)
+        for _ in range(cfg.eval.val_batches):
+            x, y = (t.to(device) for t in val_loader.next_batch())
+            loss = parallel.forward_backward(model, grid, dp, [(x, y)], cfg.parallel, autocast, backward=False)
+            sums[0] += loss.double() * y.numel() * grid.dp
+            sums[1] += parallel.all_reduce(token_bytes[y].sum().double(), grid.groups.get("dp"))
+        model.train()
+        loss_sum, n_bytes = sums.tolist()
+        loss = loss_sum / (cfg.eval.val_batches * y.numel() * grid.dp)
+        bpb = loss_sum / (n_bytes * math.log(2))  # bits per byte = loss * tokens / (bytes * ln 2)
         log.write({"step": step, "val_loss": loss, "val_bpb": bpb},
                   f"step {step:>6} | val loss {loss:.4f} | val bpb {bpb:.4f}")
 
-    while step < o.steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, o)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(d.grad_accum):
-            x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
-            with autocast:
-                loss = fwd_model(x, y)
-            (loss / d.grad_accum).backward()
-            loss_sum += loss.detach()
-        parallel.all_reduce_grads(model.parameters())
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        loss = loss_sum / d.grad_accum
-        if world > 1:
-            dist.all_reduce(loss)  # gloo has no AVG
-            loss /= world
-        loss = loss.item()  # the one host sync per step
-        dt = time.perf_counter() - t0
-        counters["tokens"] += tokens_per_step
-        counters["seconds"] += dt
-        if step % cfg.log.every == 0 or step == o.steps:
-            rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
-                   "tokens_per_s": tokens_per_step / dt, "tokens": counters["tokens"], "elapsed_s": counters["seconds"]}
-            mfu = f" | mfu {flops_per_step / dt / (peak * world):.1%}" if peak else ""
-            eta = fmt_time(counters["seconds"] / step * (o.steps - step)) if step else "?"
-            log.write(rec, f"step {step:>6}/{o.steps} | loss {loss:.4f} | lr {lr:.2e} | grad {float(grad_norm):.3f} "
-                           f"| {rec['tokens_per_s'] / 1e3:.1f}k tok/s{mfu} | eta {eta}")
-        if cfg.eval.val_every and step % cfg.eval.val_every == 0 and step < o.steps:
-            validate()
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < o.steps:
-            save()
-    validate()
-    save()
+    def roll_back(bad_batches):
+        writer.wait()
+        path = newest_good_checkpoint(ckpt_dir, before=step) if master else None
+        if dist.is_initialized():
+            box = [path]
+            dist.broadcast_object_list(box, src=0)
+            path = box[0]
+        if path is None:
+            log.write({"step": step, "event": "rollback_impossible"},
+                      f"step {step:>6} | {guard.in_a_row} bad steps in a row, no checkpoint to roll back to")
+            return
+        skip = loader.skip | set(bad_batches)
+        from_step = step
+        restore(path)
+        loader.skip |= skip  # replay from the checkpoint without the batches that caused the spikes
+        log.rewind(step)
+        log.write({"step": step, "event": "rollback", "from_step": from_step, "skipped_batches": sorted(skip)},
+                  f"step {step:>6} | rolled back from step {from_step} to {path}, "
+                  f"skipping {len(skip)} batch(es) from now on")
+
+    try:
+        bad_batches = []
+        while step < o.steps:
+            if world_max("signal" in stop, device) if world > 1 else "signal" in stop:
+                save()
+                error = writer.wait()
+                log.write({"step": step, "event": "preempted", "signal": stop.get("signal", "peer"),
+                           "checkpoint_error": str(error) if error else None},
+                          f"step {step:>6} | {stop.get('signal', 'a peer rank was signalled')}: checkpointed, "
+                          f"exiting with code {EXIT_PREEMPTED}")
+                raise Preempted(stop.get("signal", "peer"))
+            t0 = time.perf_counter()
+            lr = lr_at(step, o)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches, batch_ids = [], []
+            for _ in range(d.grad_accum):
+                batches.append(tuple(t.to(device, non_blocking=True) for t in loader.next_batch()))
+                batch_ids.append(loader.last_batch)
+            loss = parallel.forward_backward(model, grid, dp, batches, cfg.parallel, autocast)
+            grad_norm = parallel.clip_grad_norm(named, o.clip, grid, dp.zero)
+            loss, grad_norm = loss.item(), float(grad_norm)  # the one host sync per step
+            verdict = guard.verdict(loss, grad_norm)
+            if verdict is None:
+                optimizer.step()
+                dp.after_step()
+                guard.accept(loss)
+                bad_batches = []
+            dp.zero_grad(model)
+            step += 1
+            dt = time.perf_counter() - t0
+            counters["tokens"] += tokens_per_step
+            counters["seconds"] += dt
+            if verdict:
+                bad_batches += batch_ids
+                log.write({"step": step, "event": f"skip_{verdict}", "loss": loss, "grad_norm": grad_norm,
+                           "batches": batch_ids},
+                          f"step {step:>6} | skipped the update: {verdict} loss {loss:.4f}, grad {grad_norm:.3f}, "
+                          f"batches {batch_ids}")
+                if guard.reject():
+                    roll_back(bad_batches)
+                    guard.in_a_row, bad_batches = 0, []
+                continue
+            if step % cfg.log.every == 0 or step == o.steps:
+                rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                       "tokens_per_s": tokens_per_step / dt, "tokens": counters["tokens"],
+                       "elapsed_s": counters["seconds"]}
+                mfu = f" | mfu {flops_per_token * tokens_per_step / dt / (peak * world):.1%}" if peak else ""
+                eta = fmt_time(counters["seconds"] / step * (o.steps - step))
+                log.write(rec, f"step {step:>6}/{o.steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} "
+                               f"| {rec['tokens_per_s'] / 1e3:.1f}k tok/s{mfu} | eta {eta}")
+            if cfg.eval.val_every and step % cfg.eval.val_every == 0 and step < o.steps:
+                validate()
+            if cfg.eval.every and step % cfg.eval.every == 0:  # benchmarks (eval.py) on a whole copy, on rank 0
+                weights = parallel.full_tensors(dict(model.named_parameters()), grid)
+                if master:
+                    log.write(*evaluation.monitor(cfg.eval, data.tokenizer_path(d.train), cfg.model, weights, step,
+                                                  device, autocast))
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < o.steps:
+                save()
+            report_failed_write()
+        validate()
+        save()
+        error = writer.wait()
+        if error:
+            raise RuntimeError(f"the final checkpoint could not be written: {error}") from error
+    finally:
+        restore_signals()
+        writer.wait()
     if master:
-        write_report(cfg, model)
+        write_report(cfg, n_params)
     if dist.is_initialized():
         dist.barrier()
     return model
 
 
-def write_report(cfg, model):
+def write_report(cfg, n_params):
     """report.md in the run directory: a one-page card of the run. Later stages (eval,
     alignment, inference) append their own sections."""
     with open(os.path.join(cfg.log.dir, "metrics.jsonl")) as f:
@@ -554,7 +795,7 @@ def write_report(cfg, model):
                   f"- tokenizer: vocab {cfg.model.vocab_size:,}, {s['bytes_per_token']:.2f} bytes per token", ""]
     last = train_recs[-1]
     lines += ["## Training", "",
-              f"- model: {model.num_params() / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, "
+              f"- model: {n_params / 1e6:.2f}M parameters, {cfg.model.n_layers} layers, "
               f"d_model {cfg.model.d_model}, {cfg.model.n_heads} heads ({cfg.model.n_kv_heads} KV)",
               f"- {last['step']} steps, {last['tokens']:,} tokens in {fmt_time(last['elapsed_s'])} "
               f"({last['tokens'] / last['elapsed_s'] / 1e3:.1f}k tokens/s)",
@@ -571,7 +812,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--resume", nargs="?", const="latest", help="latest (default), a step number, or a directory")
+    p.add_argument("--resume", nargs="?", const="latest",
+                   help="auto (newest good checkpoint, or a fresh start: safe in a restart loop), latest (default; "
+                        "an error if there is none), a step number, or a directory")
     p.add_argument("--estimate", action="store_true", help="print size, FLOPs, memory and cost, then exit")
     p.add_argument("--gpu", default="H100")
     p.add_argument("--mfu", type=float, default=0.4)
@@ -584,9 +827,13 @@ def main(argv=None):
         check_data_paths(cfg)
     except (ConfigError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    train(cfg, args.resume)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        train(cfg, args.resume)
+    except Preempted:
+        sys.exit(EXIT_PREEMPTED)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

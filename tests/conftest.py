@@ -51,3 +51,49 @@ def tiny_config(tokens_dir, tmp_path):
             d.setdefault(name, {}).update(values)
         return train.config_from_dict(d)
     return make
+
+
+# ----------------------------------------------------------------------------------------
+# Multi-process helpers: gloo process groups on the CPU.
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, fn, args, result_path):
+    import torch
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(*args)
+        if rank == 0:
+            torch.save(result, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(world, fn, *args):
+    """fn(*args) on `world` fresh processes joined in a gloo group; rank 0's return value."""
+    import tempfile
+
+    import torch
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "result.pt")
+        mp.start_processes(_worker, args=(world, free_port(), fn, args, path), nprocs=world, start_method="spawn")
+        return torch.load(path, weights_only=False)
+
+
+def train_command(config_path, nproc, *extra):
+    """The command line that trains config_path on nproc processes (torchrun when > 1)."""
+    import sys
+    if nproc == 1:
+        return [sys.executable, "train.py", "--config", str(config_path), *extra]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+            str(free_port()), "train.py", "--config", str(config_path), *extra]

@@ -78,7 +78,7 @@ def test_cosine_and_wsd_schedules_closed_form():
 def test_no_weight_decay_on_norms_and_embeddings(tiny_config):
     from model import Transformer
     m = Transformer(tiny_config().model)
-    opt = train.build_optimizer(m, train.OptimConfig(weight_decay=0.1), torch.device("cpu"))
+    opt = train.build_optimizer(list(m.named_parameters()), train.OptimConfig(weight_decay=0.1), torch.device("cpu"))
     names = {id(p): n for n, p in m.named_parameters()}
     decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
     assert "embed.weight" not in decayed and "norm.weight" not in decayed and "lm_head.weight" in decayed
