@@ -42,7 +42,7 @@ def cmd_run(args):
         print(f"done in {time.time() - t0:.1f}s: {first['in']:,} documents in, {stages[-1]['kept']:,} out, "
               f"{sum(s['errored'] for s in stages)} errored; {first['in'] / (time.time() - t0):.0f} docs/s "
               f"overall. `python -m prep inspect {out}` for details")
-    tok_stats = os.path.join(out, "tokens", "stats.json")
+    tok_stats = os.path.join(r.tokens, "stats.json")
     if os.path.exists(tok_stats):
         with open(tok_stats) as f:
             s = json.load(f)

@@ -12,6 +12,8 @@ import unicodedata
 from collections import Counter
 from urllib.parse import urlsplit
 
+import numpy as np
+
 WORD = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]+")  # words, and runs of punctuation as their own tokens
 
 
@@ -155,27 +157,41 @@ GOPHER_TOP_NGRAM_CHAR_FRAC = {2: 0.20, 3: 0.18, 4: 0.16}             # most freq
 GOPHER_DUP_NGRAM_CHAR_FRAC = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}  # duplicated n-grams
 
 
-def top_ngram_chars(words, n):
-    """Characters covered by the most frequent n-gram: its length, with the spaces between
-    its words, times its count."""
-    counts = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-    if not counts:
+_MIX = np.uint64(0x100000001B3)  # FNV-64 prime: n-gram keys as a polynomial in the word ids
+
+
+def ngram_keys(ids, n):
+    """A 64-bit key for every n-gram of a sequence of word ids (uint64 array)."""
+    m = len(ids) - n + 1
+    keys = np.zeros(max(m, 0), np.uint64)
+    for j in range(n):
+        keys = keys * _MIX + ids[j:j + m]
+    return keys
+
+
+def top_ngram_chars(ids, cum, n):
+    """Characters covered by the most frequent n-gram (the first one seen, on ties): its
+    length with the spaces between its words, times its count. cum: prefix sums of word
+    lengths."""
+    keys = ngram_keys(ids, n)
+    if keys.size == 0:
         return 0
-    gram, count = counts.most_common(1)[0]
-    return (sum(map(len, gram)) + n - 1) * count
+    _, first, counts = np.unique(keys, return_index=True, return_counts=True)
+    pos = first[counts == counts.max()].min()
+    return int(cum[pos + n] - cum[pos] + n - 1) * int(counts.max())
 
 
-def duplicate_ngram_chars(words, n):
+def duplicate_ngram_chars(ids, cum, n):
     """Characters in n-grams that occurred before, each position counted once: after a
     repeat the scan jumps past it, so overlapping repeats are not counted twice."""
+    keys = ngram_keys(ids, n).tolist()
     seen, chars, i = set(), 0, 0
-    while i <= len(words) - n:
-        gram = tuple(words[i:i + n])
-        if gram in seen:
-            chars += sum(map(len, gram))
+    while i < len(keys):
+        if keys[i] in seen:
+            chars += int(cum[i + n] - cum[i])
             i += n
         else:
-            seen.add(gram)
+            seen.add(keys[i])
             i += 1
     return chars
 
@@ -198,12 +214,14 @@ def gopher_repetition(doc, dup_line_frac=GOPHER_DUP_LINE_FRAC, dup_para_frac=GOP
         return "dup_lines"
     if chars / len(text) > dup_line_char_frac:
         return "dup_line_chars"
-    words = words_of(text)
+    words, vocab = words_of(text), {}
+    ids = np.array([vocab.setdefault(w, len(vocab) + 1) for w in words], np.uint64)
+    cum = np.concatenate([[0], np.cumsum([len(w) for w in words])])
     for n, frac in sorted((int(k), v) for k, v in top_ngrams.items()):
-        if top_ngram_chars(words, n) / len(text) > frac:
+        if top_ngram_chars(ids, cum, n) / len(text) > frac:
             return f"top_{n}gram"
     for n, frac in sorted((int(k), v) for k, v in dup_ngrams.items()):
-        if duplicate_ngram_chars(words, n) / len(text) > frac:
+        if duplicate_ngram_chars(ids, cum, n) / len(text) > frac:
             return f"dup_{n}grams"
     return None
 

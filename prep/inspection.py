@@ -90,7 +90,9 @@ def inspect(out, samples=3, pattern=None, seed=0, top=10):
         return grep(out, pattern)
     with open(os.path.join(out, "stats.json")) as f:
         print_stats(json.load(f))
-    report = os.path.join(out, "tokens", "tokenizer.stats.json")
+    with open(os.path.join(out, "recipe.json")) as f:
+        tokens = json.load(f)["recipe"]["output"]["tokens"] or os.path.join(out, "tokens")
+    report = os.path.join(tokens, "tokenizer.stats.json")
     if os.path.exists(report):
         with open(report) as f:
             t = json.load(f)

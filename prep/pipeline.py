@@ -60,7 +60,7 @@ GLOBAL_STEPS = {
 }
 INPUT_DEFAULTS = {"paths": [], "format": "jsonl", "suffixes": list(readers.TEXT_SUFFIXES),
                   "max_doc_bytes": readers.MAX_DOC_BYTES}
-OUTPUT_DEFAULTS = {"dir": "", "removed_samples": 20}
+OUTPUT_DEFAULTS = {"dir": "", "tokens": "", "removed_samples": 20}  # tokens: default DIR/tokens
 MAX_ERRORS_KEPT = 100  # per task: every error is counted, the first 100 are kept with file and line
 
 
@@ -181,6 +181,10 @@ class Run:
     def __init__(self, recipe, out_dir, n_tasks):
         self.recipe, self.out, self.n_tasks = recipe, out_dir, n_tasks
         self.stages = compile_stages(recipe, n_tasks)
+
+    @property
+    def tokens(self):
+        return self.recipe["output"]["tokens"] or os.path.join(self.out, "tokens")
 
     def path(self, stage, name):
         return os.path.join(self.out, stage, name)
@@ -537,20 +541,20 @@ def tokenizer_task(r, stage, task):
     q = min(1.0 - p, 1_000_000 / max(total, 1))
     u = lambda d: _shuffle_key(d["id"], st["seed"]) / 2**64  # noqa: E731
     tok = tokenizer.train_tokenizer((d["text"] for d in _all_docs(r, stage) if u(d) < p), st["vocab_size"])
-    os.makedirs(os.path.join(r.out, "tokens"), exist_ok=True)
-    path = os.path.join(r.out, "tokens", "tokenizer.json")
+    os.makedirs(r.tokens, exist_ok=True)
+    path = os.path.join(r.tokens, "tokenizer.json")
     tok.save(path + ".tmp")
     os.replace(path + ".tmp", path)
     held = [d["text"] for d in _all_docs(r, stage) if p <= u(d) < p + q] or \
         [d["text"] for _, d in zip(range(200), _all_docs(r, stage))]
     report = tokenizer.describe(tok, held)
-    _write_json(os.path.join(r.out, "tokens", "tokenizer.stats.json"), report)
+    _write_json(os.path.join(r.tokens, "tokenizer.stats.json"), report)
     return {"total_chars": total, "sample_fraction": p, **report}
 
 
 def _tokenizer_path(r, stage):
     given = stage["settings"]["tokenizer"]
-    return given or os.path.join(r.out, "tokens", "tokenizer.json")
+    return given or os.path.join(r.tokens, "tokenizer.json")
 
 
 def _recipe_sha(r):
@@ -559,7 +563,7 @@ def _recipe_sha(r):
 
 def tokenize_task(r, stage, task):
     st = stage["settings"]
-    out = os.path.join(r.out, "tokens")
+    out = r.tokens
     os.makedirs(out, exist_ok=True)
     tok = _tokenizer_path(r, stage)
     if st["tokenizer"] and not os.path.exists(os.path.join(out, "tokenizer.json")):
@@ -617,9 +621,10 @@ def summary_task(r, stage, task):
                   for sp in ("train", "val")}
         for sp in splits:
             splits[sp]["shards"] = [n for t in per_task for n in t[sp]["shards"]]
-        _write_json(os.path.join(r.out, "tokens", "stats.json"), shards.summarize(splits, errored=0))
-        outputs += [os.path.join("tokens", n) for sp in ("train", "val") for n in splits[sp]["shards"]]
-        outputs.append(os.path.join("tokens", "tokenizer.json"))
+        _write_json(os.path.join(r.tokens, "stats.json"), shards.summarize(splits, errored=0))
+        rel = os.path.relpath(r.tokens, r.out)
+        outputs += [os.path.join(rel, n) for sp in ("train", "val") for n in splits[sp]["shards"]]
+        outputs.append(os.path.join(rel, "tokenizer.json"))
     last = [s for s in r.stages if s["kind"] == "docs"][-1]
     outputs += [os.path.join(last["name"], f"docs_{t:05d}.jsonl.gz") for t in range(r.n_tasks)]
     _, files = load_index(r)
