@@ -213,8 +213,9 @@ def prepare(recipe, out_dir, n_tasks, recipe_text=""):
                              "directory or delete it to start over")
     else:
         _write_json(path, spec)
-        with open(os.path.join(out_dir, "recipe.toml"), "w") as f:
+        with open(os.path.join(out_dir, f"recipe.toml.{os.getpid()}.tmp"), "w") as f:
             f.write(recipe_text)
+        os.replace(f.name, os.path.join(out_dir, "recipe.toml"))
     return Run(recipe, out_dir, n_tasks)
 
 
@@ -236,8 +237,10 @@ def run(recipe, out_dir, n_tasks=1, workers=1, task_id=None, recipe_text="", log
         skipped = len(mine) - len(todo)
         log(f"{stage['name']:<16} {len(todo)} task(s) in {time.time() - t0:.1f}s"
             + (f", {skipped} already done" if skipped else ""))
-        while task_id is not None and not all(r.done(stage, t) for t in range(stage["tasks"])):
-            time.sleep(5)  # other array tasks are still on this stage
+        waiting = set(range(stage["tasks"])) if task_id is not None else set()
+        while waiting:  # other array tasks are still on this stage; poll gently on a shared filesystem
+            waiting = {t for t in waiting if not r.done(stage, t)}
+            time.sleep(min(30.0, 0.5 + stage["tasks"] / 50) if waiting else 0)
     return r
 
 
@@ -252,9 +255,10 @@ def run_task(recipe, out_dir, n_tasks, stage_name, task):
 
 
 def _write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"  # array tasks may write the same file (recipe.json) at once
+    with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, ensure_ascii=False)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
 
 
 def _save_npy(path, arr):

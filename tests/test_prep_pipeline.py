@@ -191,6 +191,17 @@ def test_killed_run_resumes_to_the_same_output(corpus, full_run, tmp_path):
     assert output_hashes(out) == output_hashes(full_run)
 
 
+def test_slurm_array_tasks_together_equal_the_local_run(corpus, full_run, tmp_path):
+    # three processes, as three array tasks of one job, each told its SLURM_ARRAY_TASK_ID
+    out = str(tmp_path / "array")
+    procs = [subprocess.Popen([sys.executable, "-m", "prep", "run", corpus["recipe_path"], "--out", out], cwd=ROOT,
+                              env={**os.environ, "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_ID": str(k)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for k in range(3)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+    assert output_hashes(out) == output_hashes(full_run)
+
+
 def test_dedup_across_tasks_equals_one_pass_over_everything(corpus, tmp_path):
     text = f"""
 [input]
