@@ -231,6 +231,16 @@ name = "minhash_dedup"
     assert kept[1] == [d["id"] for i, d in enumerate(docs) if root[i] == i]
 
 
+def test_bloom_option_finds_the_exact_duplicates(corpus, tmp_path):
+    kept = {}
+    for bloom in (False, True):
+        rec = validate({"input": {"paths": corpus["paths"]}, "step": [{"name": "exact_dedup", "bloom": bloom}]})
+        out = str(tmp_path / f"bloom{bloom}")
+        pipeline.run(rec, out, n_tasks=2, log=lambda *a: None)
+        kept[bloom] = [d["id"] for p in inspection.last_docs_files(out) for d in readers.read_jsonl(p)]
+    assert kept[True] == kept[False] and not any(i.startswith("exact") for i in kept[True])
+
+
 def test_substring_dedup_step_in_a_recipe(tmp_path):
     rng = random.Random(5)
     boiler = " ".join(rng.choice(WORDS) for _ in range(60))
