@@ -4,7 +4,8 @@
              run a recipe: N tasks, W at a time locally, or task K of N (a Slurm array task;
              N and K default to SLURM_ARRAY_TASK_COUNT / SLURM_ARRAY_TASK_ID)
   plan       RECIPE.toml [--tasks N]           print the stages a recipe compiles to
-  inspect    OUT [--samples K] [--grep REGEX]  removal rates, samples, top domains, search
+  inspect    OUT [--samples K] [--grep REGEX [--tokens]]  removal rates, samples, top domains, search
+  diff       OUT_A OUT_B                       what differs between two runs' manifests
   classifier --positive F.. --negative F.. --out model.npz   train the quality classifier
   lm         --docs F.. --out lm.json.gz [--calibrate F..]   train the n-gram LM (perplexity)
   corpus     --tree DIR|stdlib --out docs.jsonl.gz    documents from a local tree of text/code
@@ -159,8 +160,13 @@ def main(argv=None):
     i.add_argument("out")
     i.add_argument("--samples", type=int, default=3)
     i.add_argument("--grep", help="a regular expression to search the output documents for")
+    i.add_argument("--tokens", action="store_true", help="--grep the decoded token shards, not the documents")
     i.add_argument("--seed", type=int, default=0)
-    i.set_defaults(fn=lambda a: inspection.inspect(a.out, a.samples, a.grep, a.seed))
+    i.set_defaults(fn=lambda a: inspection.inspect(a.out, a.samples, a.grep, a.seed, tokens=a.tokens))
+    d = sub.add_parser("diff", help="what differs between two runs (recipe, code, inputs, outputs)")
+    d.add_argument("a")
+    d.add_argument("b")
+    d.set_defaults(fn=lambda a: inspection.diff(a.a, a.b))
     c = sub.add_parser("classifier", help="train the fastText-style quality classifier")
     c.add_argument("--positive", nargs="+", required=True)
     c.add_argument("--negative", nargs="+", required=True)

@@ -2,7 +2,9 @@
 
 Prints per-stage and per-step removal rates with their reasons, the first errors with file
 and line, the tokenizer report, top domains and topics of the output, random kept and
-removed samples per filter, and (with --grep) a regex search over the output documents.
+removed samples per filter, and (with --grep) a regex search over the output documents
+or (with --tokens) over the decoded token shards. `python -m prep diff A B` compares two
+runs' manifests: recipe, code, input and output hashes.
 """
 import glob
 import json
@@ -85,7 +87,55 @@ def grep(out, pattern, limit=20, width=80):
     return hits
 
 
-def inspect(out, samples=3, pattern=None, seed=0, top=10):
+def grep_tokens(tokens_dir, pattern, limit=20, width=80):
+    """A regex search over the token shards themselves, decoded document by document (each
+    starts at BOS): what a model trained on them actually reads."""
+    import numpy as np
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(tokens_dir, "tokenizer.json"))
+    rx, hits = re.compile(pattern), 0
+    for path in sorted(glob.glob(os.path.join(tokens_dir, "*.bin"))):
+        with open(path[:-len(".bin")] + ".json") as f:
+            meta = json.load(f)
+        ids = np.fromfile(path, dtype=meta["dtype"])
+        starts = np.flatnonzero(ids == meta["bos_id"]).tolist() + [len(ids)]
+        for i, (a, b) in enumerate(zip(starts, starts[1:])):
+            text = tok.decode(ids[a + 1:b].tolist(), skip_special_tokens=False)
+            for m in rx.finditer(text):
+                hits += 1
+                if hits <= limit:
+                    around = text[max(0, m.start() - width):m.end() + width]
+                    print(f"{os.path.basename(path)} document {i}: ...{around!r}...")
+    print(f"{hits} match(es) of {pattern!r} in the token shards")
+    return hits
+
+
+def diff(a, b):
+    """What differs between two runs' manifests: recipe, code, inputs and outputs."""
+    with open(os.path.join(a, "manifest.json")) as f:
+        ma = json.load(f)
+    with open(os.path.join(b, "manifest.json")) as f:
+        mb = json.load(f)
+    changes = 0
+    for key in ("recipe_sha256", "tasks", "code"):
+        if ma[key] != mb[key]:
+            changes += 1
+            print(f"{key}: {ma[key]} -> {mb[key]}")
+    for part in ("inputs", "outputs"):
+        fa, fb = ({f["path"]: f["sha256"] for f in m[part]} for m in (ma, mb))
+        for path in sorted(fa.keys() | fb.keys()):
+            if fa.get(path) != fb.get(path):
+                changes += 1
+                what = "added" if path not in fa else "removed" if path not in fb else "changed"
+                print(f"{part[:-1]} {what}: {path}")
+    print(f"{changes} difference(s) between {a} and {b}")
+    return changes
+
+
+def inspect(out, samples=3, pattern=None, seed=0, top=10, tokens=False):
+    if pattern and tokens:
+        with open(os.path.join(out, "recipe.json")) as f:
+            return grep_tokens(json.load(f)["recipe"]["output"]["tokens"] or os.path.join(out, "tokens"), pattern)
     if pattern:
         return grep(out, pattern)
     with open(os.path.join(out, "stats.json")) as f:

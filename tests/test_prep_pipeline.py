@@ -293,6 +293,18 @@ def test_inspect_reports_rates_samples_and_search(full_run, capsys):
     assert "top domains: site" in out
     assert inspection.inspect(full_run, pattern=r"<EMAIL> today") > 0
     assert inspection.inspect(full_run, pattern=r"person\d+@mail") == 0
+    in_docs = inspection.inspect(full_run, pattern=r"<EMAIL> today")
+    assert inspection.inspect(full_run, pattern=r"<EMAIL> today", tokens=True) == in_docs  # the shards say the same
+
+
+def test_diff_names_what_changed_between_runs(corpus, full_run, tmp_path, capsys):
+    assert inspection.diff(full_run, full_run) == 0
+    out = str(tmp_path / "other")
+    rec = dict(corpus["recipe"], step=[s for s in corpus["recipe"]["step"] if s["name"] != "pii"])
+    pipeline.run(rec, out, n_tasks=3, log=lambda *a: None)
+    assert inspection.diff(full_run, out) > 1
+    printed = capsys.readouterr().out
+    assert "recipe_sha256" in printed and "output changed: tokens/train_00000_00000.bin" in printed
 
 
 def test_demo_and_web_recipes_compile():
