@@ -1,7 +1,17 @@
 """kernels.py — the fused ops the model calls, each with a torch reference.
 
-Every op has three parts: a torch reference (the source of truth for tests), a Triton
-path, and a dispatcher that model.py calls. The dispatcher picks:
+Every op has a torch reference (the source of truth for tests), Triton kernels, an
+autograd.Function that launches them, and a dispatcher that model.py calls:
+
+    attention(q, k, v, causal, scale)           flash attention, FlashAttention-2 forward and backward
+    attention_with_lse(q, k, v, causal, scale)  the same, plus the per-row log-sum-exp (ring attention)
+    attention_block_backward(...)               one K/V block's gradients given the rows' lse (ring)
+    rms_norm(x, weight, eps)                    RMSNorm, one read of x per pass, fp32 statistics
+    swiglu(gate, up)                            silu(gate) * up, recomputed in backward
+    cross_entropy(logits, targets, ...)         mean loss, never an fp32 copy of the logits
+    linear_cross_entropy(h, weight, targets)    LM head + loss in row chunks (Liger's FLCE)
+
+The dispatcher picks:
 
     backend "auto"   Triton for CUDA tensors, the torch reference otherwise
     backend "torch"  always the reference (`[train] kernels = "torch"` in a config)
@@ -10,6 +20,7 @@ path, and a dispatcher that model.py calls. The dispatcher picks:
 
 kernels.py knows nothing about models: shapes in, shapes out.
 """
+import math
 import os
 
 import torch
@@ -19,8 +30,14 @@ try:
     import triton
     import triton.language as tl
     HAVE_TRITON = True
-except ImportError:  # macOS, or a CPU-only install without triton
+except ImportError:  # macOS, or a CPU-only install without triton: the references only.
     HAVE_TRITON = False
+    from types import SimpleNamespace
+
+    # Just enough for the kernel definitions below to be parsed; set_backend refuses "triton".
+    triton = SimpleNamespace(jit=lambda fn: fn, autotune=lambda *a, **k: (lambda fn: fn),
+                             Config=lambda *a, **k: None)
+    tl = SimpleNamespace(constexpr=None)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BACKENDS = ("auto", "torch", "triton")
@@ -47,8 +64,29 @@ def use_triton(x):
     return x.is_cuda
 
 
+def _autotune(gpu_configs, interpreter_config, key):
+    """triton.autotune over a short list of block sizes on a GPU. Under the interpreter one
+    small config: the interpreter is slow, and small blocks exercise the boundary masks."""
+    return triton.autotune([interpreter_config] if INTERPRET else gpu_configs, key=key)
+
+
+def _dot_precision(x):
+    """fp32 inputs follow torch's own matmul switch (TF32 or exact); 16-bit ones are exact anyway."""
+    return "tf32" if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _rows(x):
+    """x as (rows, last dim) with unit stride along the last dim; a view when it can be."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 # ----------------------------------------------------------------------------------------
-# Attention
+# Attention: FlashAttention-2 (Dao 2023). Never forms the (S, S) score matrix: a program
+# keeps a tile of queries on chip and streams K/V tiles past it with an online softmax
+# (Milakov & Gimelshein 2018), then rescales once at the end (FA2 section 3.1.1).
+# Grouped-query attention reads K/V head h // group for query head h: the indexing that
+# repeat_interleave would give, without materialising the repeated K/V.
 
 def attention_ref(q, k, v, causal=True, scale=None):
     """q (B, Hq, S, D), k and v (B, Hkv, S, D) with Hq a multiple of Hkv -> (B, Hq, S, D)."""
@@ -56,12 +94,345 @@ def attention_ref(q, k, v, causal=True, scale=None):
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
+def attention_with_lse_ref(q, k, v, causal=True, scale=None):
+    """Attention written out, and lse = logsumexp over keys of the scaled (masked) scores,
+    (B, Hq, Sq) in fp32, natural log. Computed in fp32 (fp64 when given fp64)."""
+    group = q.shape[1] // k.shape[1]
+    dt = torch.promote_types(q.dtype, torch.float32)
+    k, v = k.repeat_interleave(group, 1).to(dt), v.repeat_interleave(group, 1).to(dt)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = q.to(dt) @ k.transpose(-1, -2) * scale                                   # (B, Hq, Sq, Sk)
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)                                             # (B, Hq, Sq)
+    out = torch.exp(s - lse[..., None]) @ v
+    return out.to(q.dtype), lse
+
+
+def _fwd_configs():
+    # H100/A100 block sizes (BLOCK_M query rows, BLOCK_N keys per step, warps, pipeline
+    # stages), near the Triton fused-attention tutorial's. Compiled offline (no GPU run) for
+    # sm_90, none of them spills registers at head dims 64 and 128; the autotuner times them
+    # on the GPU at hand and skips any that overflow its shared memory. The last, small one
+    # is for fp32 inputs (tests, debugging), where the others overflow it at head dim 128.
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 4), (32, 32, 4, 1)]]
+
+
+@_autotune(_fwd_configs(), triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}), key=["SQ", "SK", "HEAD_DIM", "CAUSAL"])
+@triton.jit
+def _attn_fwd(Q, K, V, OUT, LSE,
+              sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
+              H, GROUP, SQ, SK, qk_scale,
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: BLOCK_M query rows of one (batch, head); loops over key blocks."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)                  # int64: b * stride can pass 2^31
+    b, h = bh // H, bh % H
+    Q += b * sq_b + h * sq_h
+    K += b * sk_b + (h // GROUP) * sk_h
+    V += b * sv_b + (h // GROUP) * sv_h
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + rows[:, None] * sq_s + offs_d[None, :], mask=rows[:, None] < SQ, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (base-2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)                # running sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)      # unnormalised output
+    # Causal block skipping: key blocks wholly above the diagonal are never loaded.
+    if CAUSAL:
+        hi = tl.minimum(SK, start_m + BLOCK_M)
+    else:
+        hi = SK
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = tl.load(K + cols[:, None] * sk_s + offs_d[None, :], mask=cols[:, None] < SK, other=0.0)
+        v = tl.load(V + cols[:, None] * sv_s + offs_d[None, :], mask=cols[:, None] < SK, other=0.0)
+        # qk_scale = scale * log2(e): scores in base 2 so the exponential is one exp2
+        # (the native MUFU instruction); FA2 and the Triton tutorial do the same.
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale   # (BLOCK_M, BLOCK_N)
+        keep = cols[None, :] < SK
+        if CAUSAL:
+            keep &= cols[None, :] <= rows[:, None]
+        s = tl.where(keep, s, float("-inf"))
+        # Online softmax. Every row sees column 0 in its first block, so m_new is finite
+        # and alpha = exp2(-inf) = 0 on the first step, never NaN.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    # FA2 section 3.1.1: divide by the normaliser once, after the loop.
+    out = acc / l_i[:, None]
+    tl.store(OUT + b * so_b + h * so_h + rows[:, None] * so_s + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=rows[:, None] < SQ)
+    # The log-sum-exp is all backward needs to recompute P (FA2 section 3.1.2); ring
+    # attention merges partial results with it. Stored in natural log: * ln(2).
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    tl.store(LSE + bh * SQ + rows, lse, mask=rows < SQ)
+
+
+@triton.jit
+def _attn_bwd_delta(OUT, DO, DELTA, so_b, so_h, so_s, sdo_b, sdo_h, sdo_s, H, SQ,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """FA2 backward preprocess: delta_i = sum_d dO_id * O_id (= rowsum(dP * P))."""
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = rows[:, None] < SQ
+    o = tl.load(OUT + b * so_b + h * so_h + rows[:, None] * so_s + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_s + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * SQ + rows, delta, mask=rows < SQ)
+
+
+def _dkdv_configs():
+    # dK and dV stay in registers for the whole program (2 x BLOCK_N x D fp32), so the tiles
+    # are smaller than the forward's; at head dim 128 only 64 x 32 compiles spill-free for
+    # sm_90, the others spill a little. The autotuner decides by time.
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in [(64, 32, 8, 3), (32, 64, 8, 3), (64, 64, 8, 2), (32, 32, 4, 1)]]
+
+
+@_autotune(_dkdv_configs(), triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}), key=["SQ", "SK", "HEAD_DIM", "CAUSAL"])
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+                   sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_s,
+                   HKV, GROUP, SQ, SK, sm_scale, qk_scale,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: BLOCK_N keys of one (batch, KV head). It loops over every query head of
+    the group and every query block that can see these keys, so dK and dV are summed in
+    registers and written once: no atomics, and GQA needs no reduction afterwards.
+    (FA2 section 3.1.2, Algorithm 2's outer loop over K/V blocks.)"""
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1).to(tl.int64)
+    b, kvh = bh // HKV, bh % HKV
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kv_mask = cols[:, None] < SK
+    k = tl.load(K + b * sk_b + kvh * sk_h + cols[:, None] * sk_s + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * sv_b + kvh * sv_h + cols[:, None] * sv_s + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    # Causal: query blocks wholly before this key block cannot see it.
+    if CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+    for g in range(GROUP):
+        h = kvh * GROUP + g
+        q_ptr = Q + b * sq_b + h * sq_h
+        do_ptr = DO + b * sdo_b + h * sdo_h
+        row_ptr = (b * HKV * GROUP + h) * SQ                   # into LSE and DELTA, (B, Hq, SQ)
+        for start_m in range(lo, SQ, BLOCK_M):
+            rows = start_m + offs_m
+            # Keys along rows here (the transposed orientation of the forward): then P^T and
+            # dS^T come straight out of the dots and only loaded tiles are ever transposed,
+            # which costs no register shuffles (the Triton tutorial's layout).
+            q_t = tl.load(q_ptr + rows[None, :] * sq_s + offs_d[:, None], mask=rows[None, :] < SQ, other=0.0)
+            do = tl.load(do_ptr + rows[:, None] * sdo_s + offs_d[None, :], mask=rows[:, None] < SQ, other=0.0)
+            lse = tl.load(LSE + row_ptr + rows, mask=rows < SQ, other=0.0)
+            delta = tl.load(DELTA + row_ptr + rows, mask=rows < SQ, other=0.0)
+            # Recompute P from the saved log-sum-exp instead of storing it.
+            s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale               # (BLOCK_N, BLOCK_M)
+            keep = (cols[:, None] < SK) & (rows[None, :] < SQ)
+            if CAUSAL:
+                keep &= cols[:, None] <= rows[None, :]
+            p_t = tl.where(keep, tl.exp2(s_t - lse[None, :] * 1.4426950408889634), 0.0)   # log2(e)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])                                     # dL/d(scaled scores)^T
+            dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
+    tl.store(DK + b * sk_b + kvh * sk_h + cols[:, None] * sk_s + offs_d[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * sv_b + kvh * sv_h + cols[:, None] * sv_s + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+def _dq_configs():
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in [(128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3), (32, 32, 4, 1)]]
+
+
+@_autotune(_dq_configs(), triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}), key=["SQ", "SK", "HEAD_DIM", "CAUSAL"])
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+                 sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_s,
+                 H, GROUP, SQ, SK, sm_scale, qk_scale,
+                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: BLOCK_M query rows of one (batch, head); loops over key blocks like the
+    forward and sums dQ in registers. A separate kernel from dK/dV so neither needs atomics
+    (the Triton tutorial's split); it recomputes QK^T once more, which is the price."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_mask = rows[:, None] < SQ
+    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_s + offs_d[None, :], mask=row_mask, other=0.0)
+    do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_s + offs_d[None, :], mask=row_mask, other=0.0)
+    lse = tl.load(LSE + bh * SQ + rows, mask=rows < SQ, other=0.0)
+    delta = tl.load(DELTA + bh * SQ + rows, mask=rows < SQ, other=0.0)
+    K += b * sk_b + (h // GROUP) * sk_h
+    V += b * sv_b + (h // GROUP) * sv_h
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if CAUSAL:
+        hi = tl.minimum(SK, start_m + BLOCK_M)
+    else:
+        hi = SK
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = tl.load(K + cols[:, None] * sk_s + offs_d[None, :], mask=cols[:, None] < SK, other=0.0)
+        v = tl.load(V + cols[:, None] * sv_s + offs_d[None, :], mask=cols[:, None] < SK, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        keep = (rows[:, None] < SQ) & (cols[None, :] < SK)
+        if CAUSAL:
+            keep &= cols[None, :] <= rows[:, None]
+        p = tl.where(keep, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(DQ + b * sq_b + h * sq_h + rows[:, None] * sq_s + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_mask)
+
+
+def _s(t):
+    """(batch, head, sequence) strides of a (B, H, S, D) tensor whose last dim is unit-stride."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _dense(t):
+    """t itself when it is (B, H, S, D)-contiguous or the (B, S, H, D) memory that model.py's
+    transpose gives; a copy otherwise. The backward writes dQ, dK, dV through q's, k's and
+    v's strides into empty_like tensors, which keep the layout of dense tensors only."""
+    return t if t.is_contiguous() or t.transpose(1, 2).is_contiguous() else t.contiguous()
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        q, k, v = _dense(q), _dense(k), _dense(v)
+        B, H, SQ, D = q.shape
+        HKV, SK = k.shape[1], k.shape[2]
+        o = torch.empty_like(q)
+        lse = torch.empty(B, H, SQ, device=q.device, dtype=torch.float32)
+        grid = lambda meta: (triton.cdiv(SQ, meta["BLOCK_M"]), B * H)  # noqa: E731
+        _attn_fwd[grid](q, k, v, o, lse, *_s(q), *_s(k), *_s(v), *_s(o),
+                        H, H // HKV, SQ, SK, scale * math.log2(math.e),
+                        HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q))
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.scale = causal, scale
+        ctx.set_materialize_grads(False)  # an unused out or lse gets None, not a tensor of zeros
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        B, H, SQ, D = q.shape
+        do = torch.zeros_like(o) if do is None else (do if do.stride(-1) == 1 else do.contiguous())
+        delta = torch.empty_like(lse)
+        _attn_bwd_delta[(triton.cdiv(SQ, 64), B * H)](o, do, delta, *_s(o), *_s(do), H, SQ,
+                                                      HEAD_DIM=D, BLOCK_M=64)
+        if dlse is not None:
+            # lse = logsumexp_j(s_ij) gives d lse_i / d s_ij = P_ij, so its gradient adds
+            # dlse_i * P_ij to dS_ij = P_ij (dP_ij - delta_i): the same as delta_i -= dlse_i.
+            delta -= dlse
+        return (*_flash_backward(q, k, v, do, lse, delta, ctx.causal, ctx.scale, q.dtype), None, None)
+
+
+def _flash_backward(q, k, v, do, lse, delta, causal, scale, grad_dtype):
+    """dQ, dK, dV in grad_dtype from the row log-sum-exp and delta (FA2 section 3.1.2)."""
+    B, H, SQ, D = q.shape
+    HKV, SK = k.shape[1], k.shape[2]
+    # empty_like keeps the strides of q, k, v (see _dense), which the kernels write through.
+    dq, dk, dv = (torch.empty_like(t, dtype=grad_dtype) for t in (q, k, v))
+    args = (*_s(q), *_s(k), *_s(v), *_s(do))
+    meta = dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q))
+    qk_scale = scale * math.log2(math.e)
+    _attn_bwd_dkdv[lambda m: (triton.cdiv(SK, m["BLOCK_N"]), B * HKV)](
+        q, k, v, do, lse, delta, dk, dv, *args, HKV, H // HKV, SQ, SK, scale, qk_scale, **meta)
+    _attn_bwd_dq[lambda m: (triton.cdiv(SQ, m["BLOCK_M"]), B * H)](
+        q, k, v, do, lse, delta, dq, *args, H, H // HKV, SQ, SK, scale, qk_scale, **meta)
+    return dq, dk, dv
+
+
+def _pad_head_dim(t):
+    """The kernels take power-of-two head dims from 16 (tl.dot's minimum) up. Zero columns
+    change no dot product, so other sizes are padded, and the extra output columns dropped."""
+    D = t.shape[-1]
+    padded = max(16, triton.next_power_of_2(D))
+    return t if padded == D else F.pad(t, (0, padded - D))
+
+
+def attention_with_lse(q, k, v, causal=True, scale=None):
+    """q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D) -> out (B, Hq, Sq, D) and lse (B, Hq, Sq), the
+    natural-log log-sum-exp of each row's scaled scores, in fp32. Differentiable through both:
+    ring attention merges partial outputs with lse, and its backward flows through lse too.
+    Causal needs Sq == Sk (the diagonal block); non-causal takes any lengths."""
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal attention needs equal query and key lengths, got {q.shape[2]} and {k.shape[2]}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    D = q.shape[-1]
+    scale = D ** -0.5 if scale is None else scale
+    if not use_triton(q):
+        return attention_with_lse_ref(q, k, v, causal, scale)
+    out, lse = _FlashAttention.apply(_pad_head_dim(q), _pad_head_dim(k), _pad_head_dim(v), causal, scale)
+    return out[..., :D], lse
+
+
 def attention(q, k, v, causal=True, scale=None):
-    return attention_ref(q, k, v, causal, scale)
+    """softmax(q k^T * scale) v with grouped-query heads; the layout of torch's SDPA."""
+    if not use_triton(q):
+        return attention_ref(q, k, v, causal, scale)
+    return attention_with_lse(q, k, v, causal, scale)[0]
+
+
+def attention_block_backward_ref(q, k, v, dout, lse, delta, causal=True, scale=None):
+    group = q.shape[1] // k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dt = torch.promote_types(q.dtype, torch.float32)
+    q, dout = q.to(dt), dout.to(dt)
+    k, v = k.repeat_interleave(group, 1).to(dt), v.repeat_interleave(group, 1).to(dt)
+    s = q @ k.transpose(-1, -2) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    p = torch.exp(s - lse[..., None])                                            # (B, Hq, Sq, Sk)
+    ds = p * (dout @ v.transpose(-1, -2) - delta[..., None])
+    fold = lambda x: x.unflatten(1, (-1, group)).sum(2)  # noqa: E731  (a shared K/V head sums its group)
+    return ds @ k * scale, fold(ds.transpose(-1, -2) @ q * scale), fold(p.transpose(-1, -2) @ dout)
+
+
+def attention_block_backward(q, k, v, dout, lse, delta, causal=True, scale=None):
+    """Ring attention's backward step: the gradients of one (query block, K/V block) pair of
+    a larger attention, given lse (B, Hq, Sq) and delta = rowsum(dout * out) (B, Hq, Sq) of
+    the whole rows (all K/V blocks merged; minus dlse when lse itself has a gradient):
+    P = exp(q k^T * scale - lse), dv = P^T dout, dS = P * (dout v^T - delta), dq = dS k * scale,
+    dk = dS^T q * scale. A row's dq is the sum over its blocks, so all three come back in fp32."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not use_triton(q):
+        return attention_block_backward_ref(q, k, v, dout, lse, delta, causal, scale)
+    D = q.shape[-1]
+    q, k, v, dout = (_dense(_pad_head_dim(t)) for t in (q, k, v, dout.to(q.dtype)))
+    dq, dk, dv = _flash_backward(q, k, v, dout, lse.float().contiguous(), delta.float().contiguous(),
+                                 causal, scale, torch.float32)
+    return dq[..., :D], dk[..., :D], dv[..., :D]
 
 
 # ----------------------------------------------------------------------------------------
-# RMSNorm
+# RMSNorm. One program per row in the forward; in the backward one program per group of
+# rows, so the weight gradient is summed in registers and only (programs, N) partial sums
+# reach memory (no atomics).
 
 def rms_norm_ref(x, weight, eps):
     # Statistics in fp32, then back to x's dtype before the weight: the order of
@@ -71,23 +442,149 @@ def rms_norm_ref(x, weight, eps):
     return weight * y.to(x.dtype)
 
 
+@triton.jit
+def _rms_norm_fwd(X, W, Y, RSTD, stride_x, stride_y, N, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / N + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    x_hat = (x * rstd).to(X.dtype.element_ty).to(tl.float32)   # the reference's cast before the weight
+    tl.store(Y + row * stride_y + cols, (w * x_hat).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, n_rows, N, rows_per_program,
+                  BLOCK: tl.constexpr):
+    """dx = rstd * (g - x_hat * mean(g * x_hat)) with g = dy * w; dw = sum over rows of dy * x_hat."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_program     # int64 rows: row * stride can pass 2^31
+    for row in range(row_start, tl.minimum(row_start + rows_per_program, n_rows)):
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+        x_hat = x * rstd
+        dw += dy * x_hat.to(X.dtype.element_ty).to(tl.float32)
+        g = dy * w
+        dx = rstd * (g - x_hat * (tl.sum(g * x_hat, 0) / N))
+        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_PARTIAL + pid * N + cols, dw, mask=mask)
+
+
+def _row_warps(block):
+    return min(16, max(1, block // 256))  # ~8 fp32 values per thread per row
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x2 = _rows(x)
+        n_rows, N = x2.shape
+        # The reference's weight * y.to(x.dtype) promotes: an fp32 weight on bf16 x gives fp32.
+        y = torch.empty(n_rows, N, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
+        rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
+        block = triton.next_power_of_2(N)
+        _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), N, eps,
+                                 BLOCK=block, num_warps=_row_warps(block))
+        ctx.save_for_backward(x2, weight, rstd)
+        return y.view(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        dy2 = _rows(dy)
+        n_rows, N = x2.shape
+        dx = torch.empty_like(x2)
+        # A few programs per SM on a GPU; a handful under the interpreter.
+        sms = 1 if INTERPRET else torch.cuda.get_device_properties(x2.device).multi_processor_count
+        programs = min(n_rows, 4 * sms)
+        rows_per_program = triton.cdiv(n_rows, programs)
+        programs = triton.cdiv(n_rows, rows_per_program)
+        dw_partial = torch.empty(programs, N, device=x2.device, dtype=torch.float32)
+        block = triton.next_power_of_2(N)
+        _rms_norm_bwd[(programs,)](dy2, x2, weight, rstd, dx, dw_partial, dy2.stride(0), x2.stride(0), dx.stride(0),
+                                   n_rows, N, rows_per_program, BLOCK=block, num_warps=_row_warps(block))
+        return dx.view(dy.shape), dw_partial.sum(0).to(weight.dtype), None
+
+
 def rms_norm(x, weight, eps):
-    return rms_norm_ref(x, weight, eps)
+    if not use_triton(x):
+        return rms_norm_ref(x, weight, eps)
+    return _RMSNorm.apply(x, weight, eps)
 
 
 # ----------------------------------------------------------------------------------------
-# SwiGLU
+# SwiGLU: elementwise. The backward recomputes silu from gate instead of keeping the
+# activation (it is cheap arithmetic on data that must be read anyway).
 
 def swiglu_ref(gate, up):
     return F.silu(gate) * up
 
 
+@triton.jit
+def _swiglu_fwd(GATE, UP, OUT, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + offs, (g * tl.sigmoid(g) * u).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd(GATE, UP, DOUT, DGATE, DUP, n, BLOCK: tl.constexpr):
+    """d up = dout * silu(g); d gate = dout * up * silu'(g), silu'(g) = sig * (1 + g * (1 - sig))."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(GATE + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(UP + offs, mask=mask, other=0.0).to(tl.float32)
+    dout = tl.load(DOUT + offs, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(g)
+    tl.store(DUP + offs, (dout * g * sig).to(DUP.dtype.element_ty), mask=mask)
+    tl.store(DGATE + offs, (dout * u * sig * (1.0 + g * (1.0 - sig))).to(DGATE.dtype.element_ty), mask=mask)
+
+
+SWIGLU_BLOCK = 1024  # elements per program: 4 warps x 32 threads x 8 values (16-byte bf16 vectors)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        gate, up = gate.contiguous(), up.contiguous()
+        out = torch.empty_like(gate, dtype=torch.promote_types(gate.dtype, up.dtype))
+        n = gate.numel()
+        _swiglu_fwd[(triton.cdiv(n, SWIGLU_BLOCK),)](gate, up, out, n, BLOCK=SWIGLU_BLOCK)
+        ctx.save_for_backward(gate, up)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        gate, up = ctx.saved_tensors
+        dout = dout.contiguous()
+        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+        n = gate.numel()
+        _swiglu_bwd[(triton.cdiv(n, SWIGLU_BLOCK),)](gate, up, dout, dgate, dup, n, BLOCK=SWIGLU_BLOCK)
+        return dgate, dup
+
+
 def swiglu(gate, up):
-    return swiglu_ref(gate, up)
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape")
+    if not use_triton(gate):
+        return swiglu_ref(gate, up)
+    return _SwiGLU.apply(gate, up)
 
 
 # ----------------------------------------------------------------------------------------
-# Cross-entropy
+# Cross-entropy. One program per row walks the vocabulary in blocks with an online
+# log-sum-exp, so the fp32 softmax of a (tokens, vocab) matrix never exists; the forward
+# keeps only the row's lse. The backward re-reads the logits and writes the gradient,
+# in place when the caller owns the logits (linear_cross_entropy below does).
 
 def cross_entropy_ref(logits, targets, ignore_index=-100, z_loss=0.0):
     """Mean cross-entropy over targets != ignore_index, plus z_loss * mean(logsumexp^2)
@@ -100,5 +597,150 @@ def cross_entropy_ref(logits, targets, ignore_index=-100, z_loss=0.0):
     return loss
 
 
+@triton.jit
+def _ce_fwd(LOGITS, TARGETS, LOSS, LSE, stride, V, ignore_index, z_loss, BLOCK_V: tl.constexpr):
+    """loss_row = lse - logit[target] + z_loss * lse^2, or 0 for an ignored target."""
+    row = tl.program_id(0).to(tl.int64)                  # int64: row * vocab passes 2^31 at 128k vocab
+    LOGITS += row * stride
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full([], float("-inf"), tl.float32)          # running max
+    d = tl.zeros([], tl.float32)                         # running sum of exp(x - m)
+    for start in range(0, V, BLOCK_V):
+        x = tl.load(LOGITS + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))             # each block holds a real logit: finite
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        m = m_new
+    lse = m + tl.log(d)
+    t = tl.load(TARGETS + row)
+    keep = t != ignore_index
+    x_t = tl.load(LOGITS + t, mask=keep, other=0.0).to(tl.float32)
+    tl.store(LOSS + row, tl.where(keep, lse - x_t + z_loss * lse * lse, 0.0))
+    tl.store(LSE + row, lse)
+
+
+@triton.jit
+def _ce_bwd(LOGITS, TARGETS, LSE, DLOGITS, SCALE, stride, stride_d, V, ignore_index, z_loss,
+            BLOCK_V: tl.constexpr):
+    """d loss_row / d x = softmax(x) * (1 + 2 z_loss lse) - onehot(target), times SCALE
+    (grad_output / number of kept targets, read from device memory: no host sync).
+    DLOGITS may be LOGITS itself: each block is read before it is overwritten."""
+    row = tl.program_id(0).to(tl.int64)
+    LOGITS += row * stride
+    DLOGITS += row * stride_d
+    t = tl.load(TARGETS + row)
+    lse = tl.load(LSE + row)
+    scale = tl.where(t != ignore_index, tl.load(SCALE), 0.0)
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        x = tl.load(LOGITS + start + cols, mask=start + cols < V, other=0.0).to(tl.float32)
+        p = tl.exp(x - lse)
+        grad = p * (1.0 + 2.0 * z_loss * lse) - tl.where(start + cols == t, 1.0, 0.0)
+        tl.store(DLOGITS + start + cols, (grad * scale).to(DLOGITS.dtype.element_ty), mask=start + cols < V)
+
+
+def _ce_block(V):
+    # 4096 logits per step on a GPU (16 KB of fp32 per row in flight); 128 under the
+    # interpreter, so small test vocabularies still take several blocks.
+    return min(128 if INTERPRET else 4096, triton.next_power_of_2(V))
+
+
+def _ce_rows(logits, targets, ignore_index, z_loss):
+    """Per-row loss and lse (fp32) of a (rows, V) logits matrix."""
+    n, V = logits.shape
+    loss = torch.empty(n, device=logits.device, dtype=torch.float32)
+    lse = torch.empty_like(loss)
+    _ce_fwd[(n,)](logits, targets, loss, lse, logits.stride(0), V, ignore_index, z_loss,
+                  BLOCK_V=_ce_block(V), num_warps=8)
+    return loss, lse
+
+
+def _ce_grad(logits, targets, lse, scale, ignore_index, z_loss, out):
+    n, V = logits.shape
+    _ce_bwd[(n,)](logits, targets, lse, out, scale, logits.stride(0), out.stride(0), V, ignore_index, z_loss,
+                  BLOCK_V=_ce_block(V), num_warps=8)
+    return out
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index, z_loss):
+        logits, targets = _rows(logits), targets.contiguous()
+        loss, lse = _ce_rows(logits, targets, ignore_index, z_loss)
+        n_kept = (targets != ignore_index).sum()
+        ctx.save_for_backward(logits, targets, lse, n_kept)
+        ctx.ignore_index, ctx.z_loss = ignore_index, z_loss
+        return loss.sum() / n_kept                     # 0/0 = nan when every target is ignored, like torch
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, targets, lse, n_kept = ctx.saved_tensors
+        # A fresh gradient tensor: the caller may still hold these logits.
+        dlogits = _ce_grad(logits, targets, lse, grad.float() / n_kept, ctx.ignore_index, ctx.z_loss,
+                           out=torch.empty_like(logits))
+        return dlogits, None, None, None
+
+
 def cross_entropy(logits, targets, ignore_index=-100, z_loss=0.0):
-    return cross_entropy_ref(logits, targets, ignore_index, z_loss)
+    """logits (N, V), targets (N,) -> mean loss over targets != ignore_index (+ z-loss)."""
+    if not use_triton(logits):
+        return cross_entropy_ref(logits, targets, ignore_index, z_loss)
+    return _CrossEntropy.apply(logits, targets, ignore_index, z_loss)
+
+
+# ----------------------------------------------------------------------------------------
+# Linear + cross-entropy, fused the way Liger's FusedLinearCrossEntropy does it: the LM
+# head runs on a chunk of rows at a time, the chunk's logits are turned into their own
+# gradient in place, and dh and dW are accumulated right away, in the forward. At a 128k
+# vocabulary the (tokens, vocab) logits and their gradient are the largest tensors of a
+# step; here only one chunk of them exists at a time.
+
+def linear_cross_entropy_ref(h, weight, targets, ignore_index=-100, z_loss=0.0):
+    """h (N, d), weight (V, d), targets (N,) -> cross_entropy_ref(h @ weight.T, targets)."""
+    return cross_entropy_ref(F.linear(h, weight), targets, ignore_index, z_loss)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index, z_loss, chunk):
+        N = h.shape[0]
+        targets = targets.contiguous()
+        n_kept = (targets != ignore_index).sum()
+        scale = 1.0 / n_kept.float()                   # on device: the loop below never syncs
+        want_dh, want_dw = ctx.needs_input_grad[:2]
+        dh = torch.empty_like(h) if want_dh else None
+        dw = torch.zeros_like(weight, dtype=torch.float32) if want_dw else None   # summed over chunks in fp32
+        total = torch.zeros((), device=h.device, dtype=torch.float32)
+        for i in range(0, N, chunk):
+            hc, tc = h[i:i + chunk], targets[i:i + chunk]
+            logits = hc @ weight.T                     # (chunk, V); under autocast in its dtype
+            loss, lse = _ce_rows(logits, tc, ignore_index, z_loss)
+            total += loss.sum()
+            if want_dh or want_dw:
+                g = _ce_grad(logits, tc, lse, scale, ignore_index, z_loss, out=logits)  # in place
+                if want_dh:
+                    dh[i:i + chunk] = g @ weight       # (chunk, d)
+                if want_dw:
+                    dw += g.T @ hc                     # (V, d)
+        ctx.save_for_backward(dh, dw)
+        ctx.weight_dtype = weight.dtype
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw = ctx.saved_tensors
+        # The forward already took d loss / d h and d loss / d W; the chain rule scales them.
+        dh = dh * grad.to(dh.dtype) if dh is not None else None
+        dw = (dw * grad).to(ctx.weight_dtype) if dw is not None else None
+        return dh, dw, None, None, None, None
+
+
+def linear_cross_entropy(h, weight, targets, ignore_index=-100, z_loss=0.0, chunk=None):
+    """Mean cross-entropy of logits h @ weight.T without the full logits: h (N, d), weight (V, d),
+    targets (N,). chunk: rows per step; by default sized so a chunk's logits are about as big
+    as h (Liger's rule), which bounds the extra memory by h's size."""
+    if not use_triton(h):
+        return linear_cross_entropy_ref(h, weight, targets, ignore_index, z_loss)
+    N, d = h.shape
+    V = weight.shape[0]
+    chunk = chunk or triton.next_power_of_2(triton.cdiv(N, triton.cdiv(V, d)))
+    return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, z_loss, chunk)

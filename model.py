@@ -190,9 +190,12 @@ class Transformer(nn.Module):
 
     def loss(self, h, targets, ignore_index=-100):
         """Mean cross-entropy of the LM head on final hidden states h (B, S, d_model).
-        Logits stay in the compute dtype; the kernel upcasts one row block at a time."""
-        logits = self.lm_head(h)
-        return kernels.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index)
+        On the Triton path the head and the loss run fused over row chunks, so the
+        (tokens, vocab) logits never exist at once; otherwise logits, then the loss."""
+        h, targets = h.flatten(0, 1), targets.flatten()                   # (B*S, d_model), (B*S,)
+        if kernels.use_triton(h):
+            return kernels.linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index)
+        return kernels.cross_entropy(self.lm_head(h), targets, ignore_index)
 
     def num_params(self, embedding=True):
         n = sum(p.numel() for p in self.parameters())  # a tied weight is counted once

@@ -1,0 +1,317 @@
+"""Triton kernels against their torch references, forward and input gradients, on odd shapes.
+
+On a CPU the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set in
+conftest.py). It is slow, so shapes are small, and kernels.py picks 16- and 32-wide blocks
+under it: a sequence of 130 spans several blocks and ends mid-block, as on a GPU.
+
+Two limits of the interpreter (Triton 3.x) shape the dtype coverage:
+- It has no bf16 arithmetic (numpy has no bf16): bf16 adds and tl.dot on bf16 operands
+  give garbage, while casts work. RMSNorm, SwiGLU and cross-entropy upcast to fp32 after
+  every load, so they are tested in bf16 here. Attention's dots run in the input dtype, as
+  they must on a GPU, so its 16-bit path is tested in fp16 here; bf16 attention is checked
+  on a GPU by bench/kernels.py, which prints the error against the reference.
+- It casts fp32 -> bf16 by truncation (a GPU rounds to nearest even), so bf16 outputs are
+  compared within two bf16 ulps (rtol 1.6e-2), not bit for bit.
+
+fp32 results are compared with an fp64 evaluation of the reference, tightly.
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+import kernels  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+TOL = {f32: dict(atol=2e-5, rtol=2e-5), f16: dict(atol=1e-2, rtol=1e-2), bf16: dict(atol=2e-2, rtol=1.6e-2)}
+
+
+@pytest.fixture(autouse=True)
+def triton_backend():
+    kernels.set_backend("triton")
+    yield
+    kernels.set_backend("auto")
+
+
+def leaves(*shapes, dtype=f32, scale=1.0):
+    return [(torch.randn(s, device=DEVICE) * scale).to(dtype).requires_grad_() for s in shapes]
+
+
+def as_f64(*xs):
+    """fp64 copies of the (already rounded) inputs, for the reference to run on."""
+    return [x.detach().double().requires_grad_() for x in xs]
+
+
+def assert_close(ours, want, dtype, what):
+    """Within TOL[dtype], atol taken relative to the largest reference value: a sum over many
+    rounded terms (a weight gradient, say) is off by the rounding of its big terms, which can
+    exceed a small sum's own size when terms cancel."""
+    tol = dict(TOL[dtype], atol=TOL[dtype]["atol"] * max(1.0, want.abs().max().item()))
+    torch.testing.assert_close(ours.double(), want.double(), **tol, msg=lambda m: f"{what}: {m}")
+
+
+def grads(out, inputs, grad_out):
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+# ----------------------------------------------------------------------------------------
+# Attention
+
+def scaled_scores(q, k, causal, scale):
+    """q k^T * scale with K heads repeated for GQA and the future masked: written here,
+    independently of kernels.py, for the log-sum-exp check."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    s = q @ k.transpose(-1, -2) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return s
+
+
+ATTN_CASES = [
+    # B, Hq, Hkv, Sq,  Sk,   D, causal, dtype
+    (1, 2, 2, 1, 1, 64, True, f32),           # one token
+    (3, 4, 2, 17, 17, 64, False, f32),        # batch 3, GQA 2
+    (3, 4, 4, 17, 17, 128, True, f32),        # head dim 128, no grouping
+    (1, 4, 1, 130, 130, 128, True, f32),      # GQA 4; 130 rows = 4 blocks and 2 rows
+    (1, 4, 2, 130, 130, 64, False, f32),
+    (1, 4, 2, 130, 130, 64, True, f16),
+    (3, 2, 1, 17, 17, 128, False, f16),
+    (1, 4, 2, 17, 130, 64, False, f32),       # a ring-attention block: other queries than keys
+    (1, 2, 1, 33, 33, 40, True, f32),         # head dim 40: padded to 64 inside
+]
+
+
+@pytest.mark.parametrize("B, Hq, Hkv, Sq, Sk, D, causal, dtype", ATTN_CASES)
+def test_attention_with_lse_matches_reference(B, Hq, Hkv, Sq, Sk, D, causal, dtype):
+    torch.manual_seed(0)
+    q, k, v = leaves((B, Hq, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, D), dtype=dtype)
+    out, lse = kernels.attention_with_lse(q, k, v, causal=causal)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert lse.shape == (B, Hq, Sq) and lse.dtype == f32
+    # Gradients flow in through both outputs, as in ring attention.
+    d_out, d_lse = torch.randn_like(out), torch.randn_like(lse)
+    got = grads((out, lse), (q, k, v), (d_out, d_lse))
+
+    q64, k64, v64 = as_f64(q, k, v)
+    want_out, want_lse = kernels.attention_with_lse_ref(q64, k64, v64, causal=causal)
+    want = grads((want_out, want_lse), (q64, k64, v64), (d_out.double(), d_lse.double()))
+    scale = D ** -0.5
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scaled_scores(q64, k64, causal, scale), -1),
+                               atol=1e-5, rtol=1e-5)
+    assert_close(out, want_out, dtype, "out")
+    for name, g, w in zip("qkv", got, want):
+        assert_close(g, w, dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_matches_sdpa_with_a_softmax_scale(causal):
+    """kernels.attention against its reference, torch's scaled_dot_product_attention."""
+    torch.manual_seed(0)
+    q, k, v = leaves((3, 4, 17, 64), (3, 2, 17, 64), (3, 2, 17, 64))
+    out = kernels.attention(q, k, v, causal=causal, scale=0.3)
+    d_out = torch.randn_like(out)
+    got = grads(out, (q, k, v), d_out)
+    q64, k64, v64 = as_f64(q, k, v)
+    want_out = kernels.attention_ref(q64, k64, v64, causal=causal, scale=0.3)
+    assert_close(out, want_out, f32, "out")
+    for name, g, w in zip("qkv", got, grads(want_out, (q64, k64, v64), d_out.double())):
+        assert_close(g, w, f32, f"d{name}")
+
+
+def test_lse_merges_blocks_like_ring_attention():
+    """Ring attention computes a query chunk against one K/V chunk at a time and merges the
+    partial results with their log-sum-exp: lse = logaddexp(lse_1, lse_2) and
+    out = exp(lse_1 - lse) out_1 + exp(lse_2 - lse) out_2. For the second half of a causal
+    sequence that is a non-causal call on the first half's K/V and a causal call on the
+    diagonal block; the merge must equal full causal attention, values and gradients
+    (which flow back through lse)."""
+    torch.manual_seed(0)
+    half = 17
+    q, k, v = leaves((1, 4, 2 * half, 64), (1, 2, 2 * half, 64), (1, 2, 2 * half, 64))
+    q2 = q[:, :, half:]
+    o_past, lse_past = kernels.attention_with_lse(q2, k[:, :, :half], v[:, :, :half], causal=False)
+    o_diag, lse_diag = kernels.attention_with_lse(q2, k[:, :, half:], v[:, :, half:], causal=True)
+    lse = torch.logaddexp(lse_past, lse_diag)
+    out = (lse_past - lse).exp()[..., None] * o_past + (lse_diag - lse).exp()[..., None] * o_diag
+    d_out = torch.randn_like(out)
+    got = grads(out, (q, k, v), d_out)
+
+    q64, k64, v64 = as_f64(q, k, v)
+    want_out = kernels.attention_ref(q64, k64, v64, causal=True)[:, :, half:]
+    assert_close(out, want_out, f32, "merged out")
+    for name, g, w in zip("qkv", got, grads(want_out, (q64, k64, v64), d_out.double())):
+        assert_close(g, w, f32, f"merged d{name}")
+
+
+@pytest.mark.parametrize("block_backward", [kernels.attention_block_backward, kernels.attention_block_backward_ref])
+def test_block_backward_sums_to_the_full_gradient(block_backward):
+    """Ring attention's backward, block by block: given lse and delta = rowsum(dout * out) of
+    the whole causal rows, the gradients of the three (query chunk, K/V chunk) blocks, the
+    two diagonal ones causal and the off-diagonal one not, add up to full attention's."""
+    torch.manual_seed(0)
+    half, D = 17, 64
+    q, k, v = leaves((1, 4, 2 * half, D), (1, 2, 2 * half, D), (1, 2, 2 * half, D))
+    q64, k64, v64 = as_f64(q, k, v)
+    out, lse = kernels.attention_with_lse_ref(q64, k64, v64, causal=True)
+    d_out = torch.randn_like(q)
+    delta = (d_out.double() * out).sum(-1)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    first, second = slice(0, half), slice(half, 2 * half)
+    for qs, ks, causal in [(first, first, True), (second, first, False), (second, second, True)]:
+        bq, bk, bv = block_backward(q[:, :, qs].detach(), k[:, :, ks].detach(), v[:, :, ks].detach(), d_out[:, :, qs],
+                                    lse[:, :, qs].float(), delta[:, :, qs].float(), causal)
+        assert bq.dtype == bk.dtype == bv.dtype == f32
+        dq[:, :, qs] += bq
+        dk[:, :, ks] += bk
+        dv[:, :, ks] += bv
+    want = grads(out, (q64, k64, v64), d_out.double())
+    for name, g, w in zip("qkv", (dq, dk, dv), want):
+        assert_close(g, w, f32, f"d{name}")
+
+
+def test_attention_rejects_what_it_does_not_do():
+    q, k = torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 4, 16)
+    with pytest.raises(ValueError, match="equal query and key lengths"):
+        kernels.attention_with_lse(q, k, k, causal=True)
+    with pytest.raises(ValueError, match="not a multiple"):
+        kernels.attention(torch.zeros(1, 3, 8, 16), torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8, 16))
+
+
+# ----------------------------------------------------------------------------------------
+# RMSNorm
+
+@pytest.mark.parametrize("shape, dtype, w_dtype", [
+    ((3, 17, 64), f32, f32),
+    ((1, 130, 96), f32, f32),       # a width that is not a power of two: a masked block
+    ((3, 17, 64), bf16, bf16),
+    ((130, 128), bf16, f32),        # bf16 activations, fp32 weight: the output promotes to fp32
+    ((2, 9, 200), f16, f16),
+])
+def test_rms_norm_matches_reference(shape, dtype, w_dtype):
+    torch.manual_seed(0)
+    x, = leaves(shape, dtype=dtype)
+    w = (torch.rand(shape[-1], device=DEVICE) + 0.5).to(w_dtype).requires_grad_()
+    y = kernels.rms_norm(x, w, 1e-5)
+    same_dtype_ref = kernels.rms_norm_ref(x, w, 1e-5)   # the reference's own roundings
+    assert y.dtype == same_dtype_ref.dtype and y.shape == x.shape
+    assert_close(y, same_dtype_ref, dtype, "y")
+    dy = torch.randn_like(y)
+    x64, w64 = as_f64(x, w)
+    want = grads(kernels.rms_norm_ref(x64, w64, 1e-5), (x64, w64), dy.double())
+    for name, g, wg in zip(("dx", "dw"), grads(y, (x, w), dy), want):
+        assert_close(g, wg, dtype, name)
+
+
+# ----------------------------------------------------------------------------------------
+# SwiGLU
+
+@pytest.mark.parametrize("shape, dtype", [((3, 17, 100), f32), ((1, 130, 64), bf16), ((2, 1027), f16)])
+def test_swiglu_matches_reference(shape, dtype):
+    torch.manual_seed(0)
+    gate, up = leaves(shape, shape, dtype=dtype, scale=3.0)
+    out = kernels.swiglu(gate, up)
+    assert out.dtype == dtype and out.shape == shape
+    assert_close(out, kernels.swiglu_ref(gate, up), dtype, "out")
+    d_out = torch.randn_like(out)
+    g64, u64 = as_f64(gate, up)
+    want = grads(kernels.swiglu_ref(g64, u64), (g64, u64), d_out.double())
+    for name, g, w in zip(("dgate", "dup"), grads(out, (gate, up), d_out), want):
+        assert_close(g, w, dtype, name)
+
+
+# ----------------------------------------------------------------------------------------
+# Cross-entropy
+
+def targets_with_ignored(n, vocab, ignore_index, every=4):
+    t = torch.randint(0, vocab, (n,), device=DEVICE)
+    t[::every] = ignore_index
+    return t
+
+
+@pytest.mark.parametrize("n, vocab, dtype, z_loss, ignore_index", [
+    (51, 300, f32, 0.0, -100),      # vocab = 2 blocks and a partial one under the interpreter
+    (51, 300, f32, 1e-2, -100),     # with PaLM's z-loss
+    (17, 1000, bf16, 1e-3, -1),     # bf16 logits, another ignore index
+    (1, 7, f32, 0.0, -100),         # one row, a vocab smaller than a block
+])
+def test_cross_entropy_matches_reference(n, vocab, dtype, z_loss, ignore_index):
+    torch.manual_seed(0)
+    logits, = leaves((n, vocab), dtype=dtype, scale=3.0)
+    targets = targets_with_ignored(n, vocab, ignore_index) if n > 1 else torch.tensor([3], device=DEVICE)
+    before = logits.detach().clone()
+    loss = kernels.cross_entropy(logits, targets, ignore_index=ignore_index, z_loss=z_loss)
+    d_logits, = grads(loss, (logits,), torch.tensor(2.0, device=DEVICE))   # a scaled loss, like grad accumulation
+    assert torch.equal(logits.detach(), before), "the caller's logits must not be overwritten"
+    l64, = as_f64(logits)
+    want = kernels.cross_entropy_ref(l64, targets, ignore_index=ignore_index, z_loss=z_loss)
+    torch.testing.assert_close(loss.double(), want.double(), atol=1e-5, rtol=1e-5)   # fp32 math in both
+    want_grad, = grads(want, (l64,), torch.tensor(2.0, dtype=torch.float64, device=DEVICE))
+    assert_close(d_logits, want_grad, dtype, "dlogits")
+
+
+@pytest.mark.parametrize("n, d, vocab, chunk, dtype, z_loss", [
+    (51, 32, 300, 16, f32, 1e-2),   # 4 chunks, the last one partial
+    (51, 32, 300, None, f32, 0.0),  # the default chunk size
+    (17, 64, 500, 8, bf16, 0.0),
+])
+def test_linear_cross_entropy_matches_reference(n, d, vocab, chunk, dtype, z_loss):
+    torch.manual_seed(0)
+    h, w = leaves((n, d), (vocab, d), dtype=dtype)
+    with torch.no_grad():
+        w /= d ** 0.5
+    targets = targets_with_ignored(n, vocab, -100)
+    loss = kernels.linear_cross_entropy(h, w, targets, z_loss=z_loss, chunk=chunk)
+    got = grads(loss, (h, w), torch.tensor(0.5, device=DEVICE))
+    h64, w64 = as_f64(h, w)
+    want = kernels.linear_cross_entropy_ref(h64, w64, targets, z_loss=z_loss)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == f32 else dict(atol=2e-2, rtol=2e-2)   # bf16 logits
+    torch.testing.assert_close(loss.double(), want.double(), **tol)
+    for name, g, wg in zip(("dh", "dw"), got, grads(want, (h64, w64), torch.tensor(0.5, dtype=torch.float64))):
+        assert g.dtype == dtype
+        assert_close(g, wg, dtype, name)
+    with torch.no_grad():   # no gradient wanted: the loss alone, same value
+        torch.testing.assert_close(kernels.linear_cross_entropy(h, w, targets, z_loss=z_loss, chunk=chunk), loss)
+
+
+# ----------------------------------------------------------------------------------------
+# Dispatch, and a model trained both ways
+
+def test_backend_switch_picks_the_path():
+    x = torch.zeros(2, device="cpu")
+    with pytest.raises(ValueError, match="choose one of"):
+        kernels.set_backend("cuda")
+    kernels.set_backend("torch")
+    assert not kernels.use_triton(x)
+    kernels.set_backend("auto")
+    assert not kernels.use_triton(x)        # auto: the reference for CPU tensors
+    kernels.set_backend("triton")
+    assert kernels.use_triton(x) == (x.is_cuda or kernels.INTERPRET)
+
+
+def test_tiny_model_trains_to_the_same_loss_with_kernels_on_and_off(monkeypatch):
+    """Six AdamW steps of a 2-layer GQA model, once on the references and once on the
+    Triton kernels (fused linear cross-entropy included): the same losses step by step."""
+    cfg = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    torch.manual_seed(0)
+    x = torch.randint(0, 128, (2, 33), device=DEVICE)   # 33 positions: blocks end mid-way
+    y = torch.roll(x, -1, 1)
+    y[0, :5] = -100
+    losses = {}
+    for backend in ("torch", "triton"):
+        kernels.set_backend(backend)
+        if backend == "triton":   # prove the kernels ran: the references now refuse to
+            for name in ("attention_ref", "rms_norm_ref", "swiglu_ref", "cross_entropy_ref"):
+                monkeypatch.setattr(kernels, name, lambda *a, **k: pytest.fail("reference used on the triton path"))
+        torch.manual_seed(0)
+        model = Transformer(cfg).to(DEVICE)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses[backend] = []
+        for _ in range(6):
+            loss = model(x, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[backend].append(loss.item())
+    torch.testing.assert_close(torch.tensor(losses["triton"]), torch.tensor(losses["torch"]), atol=1e-4, rtol=1e-4)
+    assert losses["triton"][-1] < losses["triton"][0] - 0.5
