@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import kernels
+
 VERBOSE = os.environ.get("PARALLEL_VERBOSE") == "1"
 
 
@@ -343,36 +345,6 @@ def context_chunks(t, grid):
     return torch.cat([chunks[i] for i in mine], dim=1), pos
 
 
-def _repeat_kv(x, n_q_heads):
-    return x.repeat_interleave(n_q_heads // x.shape[1], dim=1)
-
-
-def _block_scores(q, k, scale, causal):
-    s = (q.float() @ _repeat_kv(k, q.shape[1]).float().transpose(-1, -2)) * scale  # (B, H, c, c)
-    if causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-    return s
-
-
-def _block_forward(q, k, v, scale, causal):
-    s = _block_scores(q, k, scale, causal)
-    lse = s.logsumexp(-1)                                                    # (B, H, c)
-    return (s - lse[..., None]).exp() @ _repeat_kv(v, q.shape[1]).float(), lse
-
-
-def _block_backward(q, k, v, dout, lse, delta, scale, causal):
-    """FlashAttention-2's backward for one block, with the softmax normaliser lse of the
-    whole ring: P = exp(S - lse), dV = P^T dO, dS = P * (dO V^T - delta), dQ = dS K, dK = dS^T Q."""
-    g = q.shape[1] // k.shape[1]
-    p = (_block_scores(q, k, scale, causal) - lse[..., None]).exp()
-    dv = p.transpose(-1, -2) @ dout
-    ds = p * (dout @ _repeat_kv(v, q.shape[1]).float().transpose(-1, -2) - delta[..., None])
-    dq = ds @ _repeat_kv(k, q.shape[1]).float() * scale
-    dk = ds.transpose(-1, -2) @ q.float() * scale
-    fold = lambda x: x.unflatten(1, (k.shape[1], g)).sum(2)  # noqa: E731  (grads of shared K/V heads add up)
-    return dq, fold(dk), fold(dv)
-
-
 def _ring_pass(t, grid):
     """Send t to the next cp rank, receive the previous rank's; returns (buffer, requests)."""
     buf = torch.empty_like(t)
@@ -403,7 +375,7 @@ class RingAttention(torch.autograd.Function):
                 kv_next, reqs = _ring_pass(kv, grid)
             for i, j, diagonal in _ring_blocks(grid, step, causal):
                 qs, ks = slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c)
-                o, o_lse = _block_forward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], scale, diagonal)
+                o, o_lse = kernels.attention_with_lse(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], diagonal, scale)
                 new = torch.logaddexp(lse[:, :, qs], o_lse)   # merge by log-sum-exp
                 out[:, :, qs] = (out[:, :, qs] * (lse[:, :, qs] - new).exp()[..., None]
                                  + o * (o_lse - new).exp()[..., None])
@@ -430,8 +402,10 @@ class RingAttention(torch.autograd.Function):
                 kv_next, reqs = _ring_pass(kv, grid)
             for i, j, diagonal in _ring_blocks(grid, step, ctx.causal):
                 qs, ks = slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c)
-                dq_b, dk_b, dv_b = _block_backward(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], dout[:, :, qs],
-                                                   lse[:, :, qs], delta[:, :, qs], ctx.scale, diagonal)
+                # FlashAttention-2's backward of one block, with the whole rows' lse and delta.
+                dq_b, dk_b, dv_b = kernels.attention_block_backward(
+                    q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], dout[:, :, qs], lse[:, :, qs], delta[:, :, qs],
+                    diagonal, ctx.scale)
                 dq[:, :, qs] += dq_b
                 dkv[0][:, :, ks] += dk_b
                 dkv[1][:, :, ks] += dv_b

@@ -6,10 +6,9 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, train_command
 
 import train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def losses(run_dir, key="loss"):
@@ -140,8 +139,7 @@ def test_two_process_data_parallel_equals_one_process(tiny_config, tmp_path):
     ddp = tiny_config(optim=dict(steps=6), data=dict(micro_batch=2), log=dict(dir=str(tmp_path / "ddp"), every=1))
     cfg_path = tmp_path / "ddp.toml"
     cfg_path.write_text(train.to_toml(ddp))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        "29517", "train.py", "--config", str(cfg_path)], cwd=ROOT, capture_output=True, text=True,
+    r = subprocess.run(train_command(cfg_path, 2), cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = losses(single.log.dir), losses(ddp.log.dir)
