@@ -10,7 +10,8 @@ A multiple-choice question is scored by the log-likelihood the model gives each 
 after the prompt (lm-eval-harness's `loglikelihood` requests), in one of two formulations
 (OLMES, Gu et al. 2024): cloze, where the answer text continues the prompt, which is what
 gives small models a signal; and multiple-choice format, where the options are listed as
-A/B/C/D and the letter is scored, which models only learn to use late (OLMES, section 3).
+A/B/C/D and the letter is scored, which models only learn to use late in training and at
+larger scale (OLMES; the FineWeb ablations use cloze for the same reason).
 
 Library functions here import only model-side code (kernels, model, data); the command
 line loads checkpoints through train.py.
@@ -337,18 +338,21 @@ def encode_requests(tokenizer, reqs):
 def plan_rows(encoded, limit, share_prefix=True):
     """Rows to run: [(input ids, [(request, position of its first target, target ids)])].
     A request's row is context + continuation minus the last token, cut on the left to
-    the model's context (lm-eval-harness). Requests with the same row share it: every
-    single-token continuation of one context (letter mode: A, B, C, D) costs one row."""
+    the model's context (lm-eval-harness); a continuation longer than the context itself
+    (rare: a few PIQA solutions at 256) is scored on its last `limit` tokens. Requests with
+    the same row share it: every single-token continuation of one context (letter mode:
+    A, B, C, D) costs one row."""
     rows, index = [], {}
     for i, (context, continuation) in enumerate(encoded):
-        if not continuation or len(continuation) > limit:
-            raise ValueError(f"request {i}: a continuation of {len(continuation)} tokens does not fit {limit}")
+        if not continuation:
+            raise ValueError(f"request {i}: an empty continuation has nothing to score")
         row = tuple((context + continuation)[-(limit + 1):-1])
+        targets = continuation[-limit:]
         r = index.get(row) if share_prefix else None
         if r is None:
             r = index[row] = len(rows)
             rows.append((row, []))
-        rows[r][1].append((i, len(row) - len(continuation), continuation))
+        rows[r][1].append((i, len(row) - len(targets), targets))
     return rows
 
 

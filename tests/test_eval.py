@@ -264,13 +264,17 @@ def test_batching_and_shared_rows_change_nothing(model, tok):
                     ((0, 5, 6, 7, 10), [(2, 3, [10, 11])]), ((0, 5), [(4, 1, [6])])]
 
 
-def test_long_context_is_cut_on_the_left(model, tok):
-    context = "for key in sorted(values):\n    " * 40
-    [(s, n)] = evaluation.loglikelihoods(model, evaluation.encode_requests(tok, [(context, " print(key)")]))
-    ids = ([tok.token_to_id("<|bos|>")] + tok.encode(context, add_special_tokens=False).ids
-           + tok.encode(" print(key)", add_special_tokens=False).ids)[-129:]
+@pytest.mark.parametrize("context, continuation", [
+    ("for key in sorted(values):\n    " * 40, " print(key)"),  # the context is cut on the left
+    ("x =", " [" + ", ".join(map(str, range(60))) + "]"),     # the continuation alone is over 128 tokens
+])
+def test_what_does_not_fit_is_cut_on_the_left(model, tok, context, continuation):
+    [(s, n)] = evaluation.loglikelihoods(model, evaluation.encode_requests(tok, [(context, continuation)]))
+    cont = tok.encode(continuation, add_special_tokens=False).ids
+    ids = ([tok.token_to_id("<|bos|>")] + tok.encode(context, add_special_tokens=False).ids + cont)[-129:]
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0], -1)
+    assert len(ids) == 129 and n == min(len(cont), 128)
     assert s == pytest.approx(sum(logp[k, ids[k + 1]].item() for k in range(128 - n, 128)), abs=1e-4)
 
 
