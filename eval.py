@@ -252,7 +252,7 @@ def parse_spec(spec):
     """'hellaswag=a.jsonl,arc_easy=b.jsonl' -> [(name, path)]."""
     pairs = [item.split("=", 1) for item in spec.split(",") if item.strip()]
     if not all(len(p) == 2 and p[0] and p[1] for p in pairs):
-        raise ValueError(f"tasks {spec!r}: expected name=path,name=path (names: {', '.join(PARSERS)}; "
+        raise TaskFormatError(f"tasks {spec!r}: expected name=path,name=path (names: {', '.join(PARSERS)}; "
                          "any other name reads the generic JSONL format)")
     return [(name.strip(), path.strip()) for name, path in pairs]
 
