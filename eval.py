@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import data
 from model import Transformer
@@ -437,25 +436,21 @@ def evaluate_task(model, tokenizer, task, mode="norm", shots=0, seed=1234, batch
 # Perplexity and bits per byte
 
 @torch.no_grad()
-def loss_and_bpb(model, loader, n_batches, token_bytes, autocast=None):
-    """Mean loss (nats/token) and bits per byte over n_batches of the loader, summed over
-    data-parallel ranks. Bits per byte = loss * tokens / (bytes * ln 2), where bytes are
-    the UTF-8 bytes the target tokens stand for: unlike loss per token it does not depend
-    on the tokenizer, so runs with different vocabularies compare."""
-    was_training = model.training
-    model.eval()
+def loss_and_bpb(loss_fn, loader, n_batches, token_bytes, group=None):
+    """Mean loss (nats/token) and bits per byte over n_batches of the loader. loss_fn(x, y)
+    is the mean loss over the whole batch of the data-parallel group (a model itself, on
+    one process; train.py passes its parallel forward); group is the ranks whose loaders
+    split that batch. Bits per byte = loss * tokens / (bytes * ln 2), where bytes are the
+    UTF-8 bytes the target tokens stand for: unlike loss per token it does not depend on
+    the tokenizer, so runs with different vocabularies compare."""
     device = token_bytes.device
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x tokens, tokens, bytes
     for _ in range(n_batches):
         x, y = (t.to(device) for t in loader.next_batch())
-        with autocast or torch.autocast(device.type, enabled=False):
-            logits = model(x)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-        sums += torch.stack([losses.sum().double(), torch.tensor(y.numel(), device=device, dtype=torch.float64),
-                             token_bytes[y].sum().double()])
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    model.train(was_training)
+        counts = torch.stack([torch.tensor(y.numel(), device=device), token_bytes[y].sum()]).double()
+        if group is not None:
+            dist.all_reduce(counts, group=group)
+        sums += torch.cat([loss_fn(x, y).double().reshape(1) * counts[0], counts])
     loss_sum, n_tokens, n_bytes = sums.tolist()
     return loss_sum / n_tokens, loss_sum / (n_bytes * math.log(2))
 

@@ -205,10 +205,13 @@ def to_toml(cfg):
 
 
 def check_data_paths(cfg):
-    """Fail before any training if a shard pattern matches nothing."""
+    """Fail before any training if a shard pattern matches nothing or a benchmark file of
+    eval.tasks is missing or malformed."""
     data.find_shards(cfg.data.train, "data.train")
     if cfg.data.val:
         data.find_shards(cfg.data.val, "data.val")
+    if cfg.eval.every and cfg.eval.tasks:
+        evaluation.load_tasks(cfg.eval.tasks, cfg.eval.limit)
 
 
 # ----------------------------------------------------------------------------------------
@@ -665,18 +668,10 @@ def train(cfg, resume=None):
     def validate():
         if not val_loader:
             return
-        val_loader.load_state_dict({**val_loader.state_dict(), "epoch": 0, "pos": 0})
-        model.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss x tokens, bytes (whole dp group)
-        for _ in range(cfg.eval.val_batches):
-            x, y = (t.to(device) for t in val_loader.next_batch())
-            loss = parallel.forward_backward(model, grid, dp, [(x, y)], cfg.parallel, autocast, backward=False)
-            sums[0] += loss.double() * y.numel() * grid.dp
-            sums[1] += parallel.all_reduce(token_bytes[y].sum().double(), grid.groups.get("dp"))
-        model.train()
-        loss_sum, n_bytes = sums.tolist()
-        loss = loss_sum / (cfg.eval.val_batches * y.numel() * grid.dp)
-        bpb = loss_sum / (n_bytes * math.log(2))  # bits per byte = loss * tokens / (bytes * ln 2)
+        val_loader.load_state_dict({**val_loader.state_dict(), "epoch": 0, "pos": 0})  # the same windows each time
+        loss, bpb = evaluation.loss_and_bpb(
+            lambda x, y: parallel.forward_backward(model, grid, dp, [(x, y)], cfg.parallel, autocast, backward=False),
+            val_loader, cfg.eval.val_batches, token_bytes, grid.groups.get("dp"))
         log.write({"step": step, "val_loss": loss, "val_bpb": bpb},
                   f"step {step:>6} | val loss {loss:.4f} | val bpb {bpb:.4f}")
 
@@ -825,7 +820,7 @@ def main(argv=None):
         if args.estimate:
             return estimate(cfg, args.gpu, args.mfu, args.usd_per_hour)
         check_data_paths(cfg)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # ConfigError, a bad shard or task file
         sys.exit(f"error: {e}")
     try:
         train(cfg, args.resume)

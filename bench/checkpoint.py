@@ -55,7 +55,8 @@ def main():
     for asynchronous, (stalls, step_times) in results.items():
         print(f"{'asynchronous' if asynchronous else 'synchronous':<14} "
               f"{statistics.median(stalls):>26.2f} {statistics.median(step_times):>22.2f}")
-    print(f"stall ratio sync / async: {statistics.median(results[False][0]) / statistics.median(results[True][0]):.1f}x")
+    ratio = statistics.median(results[False][0]) / statistics.median(results[True][0])
+    print(f"stall ratio sync / async: {ratio:.1f}x")
 
 
 if __name__ == "__main__":

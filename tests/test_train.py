@@ -55,6 +55,14 @@ def test_missing_data_path_fails_before_training(tmp_path):
     assert r.returncode != 0 and "data.train: no token shards match" in r.stderr
 
 
+def test_missing_benchmark_file_fails_before_training(tmp_path, tiny_config):
+    cfg = tiny_config(eval=dict(every=10, tasks=f"hellaswag={tmp_path}/nope.jsonl"))
+    path = tmp_path / "c.toml"
+    path.write_text(train.to_toml(cfg))
+    r = subprocess.run([sys.executable, "train.py", "--config", str(path)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "nope.jsonl" in r.stderr and "step" not in r.stdout
+
+
 def test_resolved_config_round_trips_through_toml(tmp_path, tiny_config):
     cfg = tiny_config(optim=dict(schedule="wsd"), model=dict(qk_norm=True))
     (tmp_path / "saved.toml").write_text(train.to_toml(cfg))
