@@ -253,11 +253,8 @@ def lr_at(step, o: OptimConfig):
 #               /manifest.json          size and sha256 of every file above
 
 def sha256(path):
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def step_dirs(ckpt_dir):
@@ -571,6 +568,20 @@ def setup_device(cfg, local_rank):
     return device, autocast
 
 
+def build(cfg, grid, device):
+    """The model for this rank's part of the grid, its data parallelism and its optimizer:
+    (model, dp, [(name, tensor) the optimizer updates], optimizer)."""
+    torch.manual_seed(cfg.data.seed)  # the same full model on every rank; parallelize keeps each rank's part
+    model = Transformer(cfg.model)
+    parallel.parallelize(model, grid, cfg.parallel)
+    model.to(device)
+    dp = parallel.DataParallel(model, grid, zero=cfg.parallel.zero == 1)
+    named = dp.optimizer_params(model)
+    if cfg.train.compile:
+        model.compile()
+    return model, dp, named, build_optimizer(named, cfg.optim, device)
+
+
 def train(cfg, resume=None):
     rank, world, local_rank = parallel.init_distributed()
     device, autocast = setup_device(cfg, local_rank)
@@ -591,14 +602,10 @@ def train(cfg, resume=None):
         dist.broadcast_object_list(box, src=0)
         start = box[0]
 
-    torch.manual_seed(d.seed)  # the same full model on every rank; parallelize keeps each rank's part
-    model = Transformer(cfg.model)
-    n_params, flops_per_token = model.num_params(), model.flops_per_token(d.seq_len)
-    parallel.parallelize(model, grid, cfg.parallel)
-    model.to(device)
-    dp = parallel.DataParallel(model, grid, zero=cfg.parallel.zero == 1)
-    named = dp.optimizer_params(model)
-    optimizer = build_optimizer(named, o, device)
+    model, dp, named, optimizer = build(cfg, grid, device)
+    with torch.device("meta"):  # the whole model's size and FLOPs, whatever part this rank holds
+        whole = Transformer(cfg.model)
+    n_params, flops_per_token = whole.num_params(), whole.flops_per_token(d.seq_len)
     # Ranks of one data-parallel slot (tp, pp and cp peers) read the same sequences.
     loader = data.Loader(d.train, d.seq_len, d.micro_batch, grid.dp_rank, grid.dp, d.seed)
     val_loader = data.Loader(d.val, d.seq_len, d.micro_batch, grid.dp_rank, grid.dp, shuffle=False,
@@ -629,8 +636,6 @@ def train(cfg, resume=None):
         print(f"model: {n_params / 1e6:.2f}M parameters, {world} process(es) ({layout}) on {device}"
               + (f", resumed from {start}" if start else ""))
     log = MetricsLog(run_dir, master, step if start else None)
-    if cfg.train.compile:
-        model.compile()
     tokens_per_step = d.seq_len * d.micro_batch * d.grad_accum * grid.dp
     peak = peak_flops(device)
     writer = CheckpointWriter(cfg.checkpoint.asynchronous)

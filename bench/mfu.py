@@ -34,16 +34,10 @@ def main():
     device, autocast = train.setup_device(cfg, local_rank)
     d = cfg.data
     grid = parallel.make_grid(cfg.parallel, cfg.model, d)
-    torch.manual_seed(0)
-    model = Transformer(cfg.model)
-    n_params, fpt = model.num_params(), model.flops_per_token(d.seq_len)
-    parallel.parallelize(model, grid, cfg.parallel)
-    model.to(device)
-    dp = parallel.DataParallel(model, grid, zero=cfg.parallel.zero == 1)
-    named = dp.optimizer_params(model)
-    optimizer = train.build_optimizer(named, cfg.optim, device)
-    if cfg.train.compile:
-        model.compile()
+    model, dp, named, optimizer = train.build(cfg, grid, device)
+    with torch.device("meta"):
+        whole = Transformer(cfg.model)
+    n_params, fpt = whole.num_params(), whole.flops_per_token(d.seq_len)
     times = []
     for step in range(args.warmup + args.steps):
         batches = [(torch.randint(0, cfg.model.vocab_size, (d.micro_batch, d.seq_len), device=device),) * 2

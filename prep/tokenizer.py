@@ -53,11 +53,8 @@ def train_tokenizer(texts, vocab_size, min_frequency=2):
 
 
 def file_sha256(path):
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def describe(tok, texts, n_longest=10):

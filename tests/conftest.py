@@ -74,6 +74,7 @@ def _worker(rank, world, port, fn, args, result_path):
         result = fn(*args)
         if rank == 0:
             torch.save(result, result_path)
+        dist.barrier()  # no rank tears the group down while a peer still talks to it (gloo aborts)
     finally:
         dist.destroy_process_group()
 
