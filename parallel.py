@@ -11,7 +11,7 @@
     8. consolidated state        gather shards to one checkpoint, slice them back
 
 Every technique keeps the names of model.py's parameters, so a checkpoint saved under one
-layout loads under any other. PARALLEL_VERBOSE=1 prints every pipeline send and receive.
+layout loads under any other. PARALLEL_VERBOSE=1 prints every pipeline transfer and bucket launch.
 """
 import contextlib
 import math
@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 
-VERBOSE = os.environ.get("PARALLEL_VERBOSE") == "1"
+VERBOSE = os.environ.get("PARALLEL_VERBOSE") == "1"  # print pipeline transfers and bucket launches
 
 
 def init_distributed():
@@ -95,7 +95,7 @@ def check_layout(p, model_cfg, data_cfg, world):
         (not p.sequence_parallel or (data_cfg.seq_len // p.cp) % p.tp == 0,
          f"data.seq_len / cp = {data_cfg.seq_len // p.cp} is not divisible by parallel.tp={p.tp} "
          "for sequence parallelism"),
-        (p.pp == 1 or data_cfg.micro_batch % microbatches(p, data_cfg) == 0,
+        (p.pp == 1 or data_cfg.micro_batch % microbatches(p, data_cfg.micro_batch) == 0,
          f"data.micro_batch={data_cfg.micro_batch} is not divisible by parallel.microbatches={p.microbatches}"),
         (p.zero in (0, 1), f"parallel.zero={p.zero}: only ZeRO stage 0 or 1"),
         (p.ep == 1, "parallel.ep > 1 needs a Mixture-of-Experts model"),
@@ -106,9 +106,9 @@ def check_layout(p, model_cfg, data_cfg, world):
     return dp
 
 
-def microbatches(p, data_cfg):
-    """Pipeline micro-batches per micro-step; 0 means one sequence each."""
-    return p.microbatches or data_cfg.micro_batch
+def microbatches(p, micro_batch):
+    """Pipeline micro-batches per micro-step: parallel.microbatches, or one per sequence."""
+    return p.microbatches or micro_batch
 
 
 def make_grid(p, model_cfg, data_cfg):
@@ -647,6 +647,9 @@ class DataParallel:
     def _launch(self, b):
         bucket = self.buckets[b]
         self.events.append(("launch", b))
+        if VERBOSE:
+            print(f"[dp {self.rank}] bucket {b} ({bucket.grad.numel() * 4 / 2**20:.1f} MB) ready: "
+                  f"{'reduce-scatter' if self.zero else 'all-reduce'} launched", flush=True)
         bucket.grad /= self.n  # average: the loss of each rank is a mean over its own tokens
         if self.zero:
             bucket.handle = dist.reduce_scatter_tensor(bucket.shard, bucket.grad, group=self.group, async_op=True)
@@ -712,7 +715,7 @@ def forward_backward(model, grid, dp, batches, pcfg, autocast=contextlib.nullcon
             (x, pos), (y, _) = context_chunks(x, grid), context_chunks(y, grid)
         last_step = k == len(batches) - 1
         if grid.pp > 1:
-            m = pcfg.microbatches or len(x)
+            m = microbatches(pcfg, len(x))
             chunks = list(zip(x.chunk(m), y.chunk(m)))
             seq = x.shape[1] // (grid.tp if grid.sequence_parallel else 1)
             pipe = Pipe(grid, (len(x) // m, seq, model.cfg.d_model), param.dtype, x.device)

@@ -6,6 +6,7 @@
 """
 import argparse
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -833,6 +834,7 @@ def main(argv=None):
         sys.exit(EXIT_PREEMPTED)
     finally:
         if dist.is_initialized():
+            gc.collect()  # free the model's cycles (hooks, partials) that hold gloo/NCCL groups first
             dist.destroy_process_group()
 
 

@@ -63,6 +63,17 @@ def free_port():
         return s.getsockname()[1]
 
 
+def close_process_groups():
+    """Free the model's reference cycles (hooks, partials) that keep gloo groups alive, then
+    destroy the groups, while the interpreter is whole: gloo work objects freed during
+    interpreter shutdown abort the process ("terminate called without an active exception")."""
+    import gc
+
+    import torch.distributed as dist
+    gc.collect()
+    dist.destroy_process_group()
+
+
 def _worker(rank, world, port, fn, args, result_path):
     import torch
     import torch.distributed as dist
@@ -74,9 +85,10 @@ def _worker(rank, world, port, fn, args, result_path):
         result = fn(*args)
         if rank == 0:
             torch.save(result, result_path)
-        dist.barrier()  # no rank tears the group down while a peer still talks to it (gloo aborts)
+        del result
+        dist.barrier()  # no rank tears the group down while a peer still talks to it
     finally:
-        dist.destroy_process_group()
+        close_process_groups()
 
 
 def spawn(world, fn, *args):
