@@ -40,7 +40,7 @@ def open_shard(path):
     if size != n * dtype.itemsize:
         raise ValueError(f"{path}: {size} bytes on disk, but {sidecar} says {n} {dtype.name} tokens "
                          f"({n * dtype.itemsize} bytes): truncated or corrupt shard")
-    return np.memmap(path, dtype=dtype, mode="r", shape=(n,)), meta
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
 
 
 def tokenizer_path(pattern):
@@ -69,7 +69,7 @@ def token_byte_lengths(tokenizer_path):
 
 class Loader:
     def __init__(self, pattern, seq_len, micro_batch, rank=0, world=1, seed=0, shuffle=True, key="data.train"):
-        self.shards = [open_shard(p)[0] for p in find_shards(pattern, key)]
+        self.shards = [open_shard(p) for p in find_shards(pattern, key)]
         self.seq_len, self.micro_batch, self.rank, self.world = seq_len, micro_batch, rank, world
         self.seed, self.shuffle = seed, shuffle
         counts = [(len(s) - 1) // seq_len for s in self.shards]

@@ -107,12 +107,6 @@ def cluster_report(root, ids, n_samples=5):
             "cluster_sizes": hist, "largest_clusters": samples}
 
 
-def jaccard(a, b):
-    """Exact Jaccard similarity of two texts' shingle sets (the reference MinHash estimates)."""
-    sa, sb = set(shingles(a).tolist()), set(shingles(b).tolist())
-    return len(sa & sb) / max(1, len(sa | sb))
-
-
 # --- exact dedup -------------------------------------------------------------------------
 
 def exact_duplicates(hashes):
