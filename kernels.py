@@ -64,10 +64,11 @@ def use_triton(x):
     return x.is_cuda
 
 
-def _autotune(gpu_configs, interpreter_config, key):
+def _autotune(gpu_configs, interpreter_config, key, reset_to_zero=None):
     """triton.autotune over a short list of block sizes on a GPU. Under the interpreter one
-    small config: the interpreter is slow, and small blocks exercise the boundary masks."""
-    return triton.autotune([interpreter_config] if INTERPRET else gpu_configs, key=key)
+    small config: the interpreter is slow, and small blocks exercise the boundary masks.
+    reset_to_zero: outputs a kernel adds into, zeroed before each timed trial."""
+    return triton.autotune([interpreter_config] if INTERPRET else gpu_configs, key=key, reset_to_zero=reset_to_zero)
 
 
 def _dot_precision(x):
@@ -192,23 +193,26 @@ def _attn_bwd_delta(OUT, DO, DELTA, so_b, so_h, so_s, sdo_b, sdo_h, sdo_s, H, SQ
 
 def _dkdv_configs():
     # dK and dV stay in registers for the whole program (2 x BLOCK_N x D fp32), so the tiles
-    # are smaller than the forward's; at head dim 128 only 64 x 32 compiles spill-free for
-    # sm_90, the others spill a little. The autotuner decides by time.
+    # are smaller than the forward's. None of these spills on sm_90 or sm_80 at head dims 64
+    # and 128 (bench/compile_kernels.py); the autotuner decides by time.
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in [(64, 32, 8, 3), (32, 64, 8, 3), (64, 64, 8, 2), (32, 32, 4, 1)]]
 
 
-@_autotune(_dkdv_configs(), triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}), key=["SQ", "SK", "HEAD_DIM", "CAUSAL"])
+@_autotune(_dkdv_configs(), triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}),
+           key=["SQ", "SK", "HEAD_DIM", "CAUSAL", "ATOMIC_DQ"], reset_to_zero=["DQ_ACC"])
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
                    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_s,
                    HKV, GROUP, SQ, SK, sm_scale, qk_scale,
-                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_N keys of one (batch, KV head). It loops over every query head of
     the group and every query block that can see these keys, so dK and dV are summed in
     registers and written once: no atomics, and GQA needs no reduction afterwards.
-    (FA2 section 3.1.2, Algorithm 2's outer loop over K/V blocks.)"""
+    (FA2 section 3.1.2, Algorithm 2's outer loop over K/V blocks.)
+    ATOMIC_DQ: also add this block's share of dQ = dS K into DQ_ACC (fp32, zeroed,
+    (B, Hq, SQ, D) contiguous) with atomics, as Algorithm 2 is written, instead of _attn_bwd_dq."""
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
     b, kvh = bh // HKV, bh % HKV
@@ -249,6 +253,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
             dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])                                     # dL/d(scaled scores)^T
             dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
+            if ATOMIC_DQ:
+                dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION) * sm_scale   # (BLOCK_M, D)
+                tl.atomic_add(DQ_ACC + (row_ptr + rows[:, None]) * HEAD_DIM + offs_d[None, :], dq,
+                              mask=rows[:, None] < SQ)
     tl.store(DK + b * sk_b + kvh * sk_h + cols[:, None] * sk_s + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * sv_b + kvh * sv_h + cols[:, None] * sv_s + offs_d[None, :],
@@ -348,17 +356,28 @@ class _FlashAttention(torch.autograd.Function):
         return (*_flash_backward(q, k, v, do, lse, delta, ctx.causal, ctx.scale, q.dtype), None, None)
 
 
+# dQ by a second kernel (False) or by atomic adds from the dK/dV kernel (True). The second
+# kernel recomputes Q K^T and dO V^T, the atomics contend on every dQ row and make its sums
+# order-dependent (run to run, not bitwise reproducible). bench/kernels.py --atomic-dq times
+# both. Not yet measured on a GPU: until then the deterministic one.
+ATOMIC_DQ = False
+
+
 def _flash_backward(q, k, v, do, lse, delta, causal, scale, grad_dtype):
     """dQ, dK, dV in grad_dtype from the row log-sum-exp and delta (FA2 section 3.1.2)."""
     B, H, SQ, D = q.shape
     HKV, SK = k.shape[1], k.shape[2]
     # empty_like keeps the strides of q, k, v (see _dense), which the kernels write through.
     dq, dk, dv = (torch.empty_like(t, dtype=grad_dtype) for t in (q, k, v))
+    dq_acc = torch.zeros(B, H, SQ, D, device=q.device, dtype=torch.float32) if ATOMIC_DQ else dq
     args = (*_s(q), *_s(k), *_s(v), *_s(do))
     meta = dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q))
     qk_scale = scale * math.log2(math.e)
     _attn_bwd_dkdv[lambda m: (triton.cdiv(SK, m["BLOCK_N"]), B * HKV)](
-        q, k, v, do, lse, delta, dk, dv, *args, HKV, H // HKV, SQ, SK, scale, qk_scale, **meta)
+        q, k, v, do, lse, delta, dk, dv, dq_acc, *args, HKV, H // HKV, SQ, SK, scale, qk_scale,
+        ATOMIC_DQ=ATOMIC_DQ, **meta)
+    if ATOMIC_DQ:
+        return dq.copy_(dq_acc), dk, dv
     _attn_bwd_dq[lambda m: (triton.cdiv(SQ, m["BLOCK_M"]), B * H)](
         q, k, v, do, lse, delta, dq, *args, H, H // HKV, SQ, SK, scale, qk_scale, **meta)
     return dq, dk, dv
@@ -502,7 +521,7 @@ class _RMSNorm(torch.autograd.Function):
         n_rows, N = x2.shape
         dx = torch.empty_like(x2)
         # A few programs per SM on a GPU; a handful under the interpreter.
-        sms = 1 if INTERPRET else torch.cuda.get_device_properties(x2.device).multi_processor_count
+        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 1
         programs = min(n_rows, 4 * sms)
         rows_per_program = triton.cdiv(n_rows, programs)
         programs = triton.cdiv(n_rows, rows_per_program)

@@ -4,17 +4,21 @@ On a CPU the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set i
 conftest.py). It is slow, so shapes are small, and kernels.py picks 16- and 32-wide blocks
 under it: a sequence of 130 spans several blocks and ends mid-block, as on a GPU.
 
-Two limits of the interpreter (Triton 3.x) shape the dtype coverage:
-- It has no bf16 arithmetic (numpy has no bf16): bf16 adds and tl.dot on bf16 operands
-  give garbage, while casts work. RMSNorm, SwiGLU and cross-entropy upcast to fp32 after
-  every load, so they are tested in bf16 here. Attention's dots run in the input dtype, as
-  they must on a GPU, so its 16-bit path is tested in fp16 here; bf16 attention is checked
-  on a GPU by bench/kernels.py, which prints the error against the reference.
+Two limits of the interpreter (Triton 3.x) shape the bf16 checks:
+- It keeps bf16 values as their raw 16-bit patterns (numpy has no bf16) and hands them to
+  np.matmul as integers, so tl.dot on bf16 operands gives garbage. `emulate_bf16_dot` below
+  widens bf16 dot operands to fp32 first, which is what a tensor core computes (exact bf16
+  products, fp32 accumulation); that lets bf16 attention run here. Other bf16 arithmetic
+  stays unsupported, and the kernels do none: they upcast after every load.
 - It casts fp32 -> bf16 by truncation (a GPU rounds to nearest even), so bf16 outputs are
   compared within two bf16 ulps (rtol 1.6e-2), not bit for bit.
 
 fp32 results are compared with an fp64 evaluation of the reference, tightly.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -23,6 +27,37 @@ import kernels  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def emulate_bf16_dot():
+    """Teach the interpreter bf16 tl.dot (see the module docstring). True when bf16 dots
+    can run: on a GPU always; under the interpreter when its builder has the expected shape."""
+    if not kernels.INTERPRET:
+        return True
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+        builder, handle, convert = interpreter.InterpreterBuilder, interpreter.TensorHandle, interpreter._convert_float
+    except (ImportError, AttributeError):
+        return False
+    create_dot = builder.create_dot
+    if getattr(create_dot, "widens_bf16", False):
+        return True
+
+    def widen(x):
+        if x.dtype.scalar != tl.bfloat16:
+            return x
+        return handle(convert(x.data, tl.bfloat16, tl.float32, None).view(np.float32), tl.float32)
+
+    def dot_widening_bf16(self, a, b, d, *args):
+        return create_dot(self, widen(a), widen(b), d, *args)
+    dot_widening_bf16.widens_bf16 = True
+    builder.create_dot = dot_widening_bf16
+    return True
+
+
+BF16_DOT = emulate_bf16_dot()
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
 TOL = {f32: dict(atol=2e-5, rtol=2e-5), f16: dict(atol=1e-2, rtol=1e-2), bf16: dict(atol=2e-2, rtol=1.6e-2)}
 
@@ -77,6 +112,8 @@ ATTN_CASES = [
     (1, 4, 2, 130, 130, 64, False, f32),
     (1, 4, 2, 130, 130, 64, True, f16),
     (3, 2, 1, 17, 17, 128, False, f16),
+    (1, 4, 2, 130, 130, 128, True, bf16),     # the training dtype
+    (3, 4, 1, 17, 17, 64, False, bf16),
     (1, 4, 2, 17, 130, 64, False, f32),       # a ring-attention block: other queries than keys
     (1, 2, 1, 33, 33, 40, True, f32),         # head dim 40: padded to 64 inside
 ]
@@ -84,6 +121,19 @@ ATTN_CASES = [
 
 @pytest.mark.parametrize("B, Hq, Hkv, Sq, Sk, D, causal, dtype", ATTN_CASES)
 def test_attention_with_lse_matches_reference(B, Hq, Hkv, Sq, Sk, D, causal, dtype):
+    check_attention_with_lse(B, Hq, Hkv, Sq, Sk, D, causal, dtype)
+
+
+@pytest.mark.parametrize("dtype", [f32, bf16])
+def test_atomic_dq_matches_reference(monkeypatch, dtype):
+    """The other dQ: atomic adds from the dK/dV kernel (kernels.ATOMIC_DQ), GQA and causal."""
+    monkeypatch.setattr(kernels, "ATOMIC_DQ", True)
+    check_attention_with_lse(2, 4, 2, 130, 130, 64, True, dtype)
+
+
+def check_attention_with_lse(B, Hq, Hkv, Sq, Sk, D, causal, dtype):
+    if dtype == bf16 and not BF16_DOT:
+        pytest.skip("this Triton's interpreter cannot be taught bf16 tl.dot")
     torch.manual_seed(0)
     q, k, v = leaves((B, Hq, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, D), dtype=dtype)
     out, lse = kernels.attention_with_lse(q, k, v, causal=causal)
@@ -144,19 +194,23 @@ def test_lse_merges_blocks_like_ring_attention():
         assert_close(g, w, f32, f"merged d{name}")
 
 
-@pytest.mark.parametrize("block_backward", [kernels.attention_block_backward, kernels.attention_block_backward_ref])
-def test_block_backward_sums_to_the_full_gradient(block_backward):
+@pytest.mark.parametrize("block_backward, dtype", [(kernels.attention_block_backward, f32),
+                                                   (kernels.attention_block_backward, bf16),
+                                                   (kernels.attention_block_backward_ref, f32)])
+def test_block_backward_sums_to_the_full_gradient(block_backward, dtype):
     """Ring attention's backward, block by block: given lse and delta = rowsum(dout * out) of
     the whole causal rows, the gradients of the three (query chunk, K/V chunk) blocks, the
     two diagonal ones causal and the off-diagonal one not, add up to full attention's."""
+    if dtype == bf16 and not BF16_DOT:
+        pytest.skip("this Triton's interpreter cannot be taught bf16 tl.dot")
     torch.manual_seed(0)
     half, D = 17, 64
-    q, k, v = leaves((1, 4, 2 * half, D), (1, 2, 2 * half, D), (1, 2, 2 * half, D))
+    q, k, v = leaves((1, 4, 2 * half, D), (1, 2, 2 * half, D), (1, 2, 2 * half, D), dtype=dtype)
     q64, k64, v64 = as_f64(q, k, v)
     out, lse = kernels.attention_with_lse_ref(q64, k64, v64, causal=True)
     d_out = torch.randn_like(q)
     delta = (d_out.double() * out).sum(-1)
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq, dk, dv = (torch.zeros_like(t, dtype=f32) for t in (q, k, v))   # block gradients add up in fp32
     first, second = slice(0, half), slice(half, 2 * half)
     for qs, ks, causal in [(first, first, True), (second, first, False), (second, second, True)]:
         bq, bk, bv = block_backward(q[:, :, qs].detach(), k[:, :, ks].detach(), v[:, :, ks].detach(), d_out[:, :, qs],
@@ -167,7 +221,7 @@ def test_block_backward_sums_to_the_full_gradient(block_backward):
         dv[:, :, ks] += bv
     want = grads(out, (q64, k64, v64), d_out.double())
     for name, g, w in zip("qkv", (dq, dk, dv), want):
-        assert_close(g, w, f32, f"d{name}")
+        assert_close(g, w, dtype, f"d{name}")
 
 
 def test_attention_rejects_what_it_does_not_do():
@@ -272,6 +326,23 @@ def test_linear_cross_entropy_matches_reference(n, d, vocab, chunk, dtype, z_los
         assert_close(g, wg, dtype, name)
     with torch.no_grad():   # no gradient wanted: the loss alone, same value
         torch.testing.assert_close(kernels.linear_cross_entropy(h, w, targets, z_loss=z_loss, chunk=chunk), loss)
+
+
+# ----------------------------------------------------------------------------------------
+# GPU code, compiled without a GPU
+
+def test_every_kernel_compiles_for_h100_and_a100():
+    """The interpreter runs a kernel's Python, not its GPU code: ptxas must accept each one
+    too. bench/compile_kernels.py compiles every launch kernels.py makes for sm_90 and sm_80
+    (the first autotune config of each; the script without flags does them all)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "compile_kernels.py")
+    run = subprocess.run([sys.executable, script, "--arch", "90,80", "--dtype", "bf16", "--first-config"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_rms_norm_bwd", "_swiglu_bwd", "_ce_bwd"):
+        assert f"| sm_90 | bf16 | {name} |" in run.stdout and f"| sm_80 | bf16 | {name} |" in run.stdout
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,0 +1,160 @@
+"""Compile every Triton kernel of kernels.py for a GPU, on a machine that has none, and print
+what ptxas reports for each autotune config: registers, spilled bytes, shared memory.
+
+    python bench/compile_kernels.py                        # sm_90 (H100/H200) and sm_80 (A100)
+    python bench/compile_kernels.py --arch 90 --dtype bf16 --first-config
+
+The interpreter runs a kernel's Python, not its GPU code, so a kernel that passes every test
+under TRITON_INTERPRET=1 can still fail to compile (an operation with no instruction for that
+dtype, a tile tl.dot cannot take) or fail to launch (more shared memory than the SM has). This
+script finds out on a CPU: it runs kernels.py's public ops on small CPU tensors with every
+kernel replaced by a recorder of its launches, then compiles each recorded launch for the
+target with each of the kernel's autotune configs, as the autotuner would on that GPU.
+Registers and spills decide occupancy and speed there, so they are what to read before tuning.
+Exit status 1 when a compile fails.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # the GPU configs and code paths, not the interpreter's
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton import knobs  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+
+import kernels  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Shared memory one block may use, bytes (CUDA programming guide, compute capabilities table).
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+class Recorder:
+    """Stands in for a kernel: `kernel[grid](*args, **kwargs)` records the launch, runs nothing."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((args, kwargs))
+
+
+def record_launches(dtype, head_dims):
+    """{kernel name: (kernel, [(args, kwargs), ...])} from one forward and backward of each op."""
+    recorders = {name: Recorder(obj) for name, obj in vars(kernels).items()
+                 if isinstance(obj, (JITFunction, Autotuner))}
+    saved_use_triton = kernels.use_triton
+    for name, rec in recorders.items():
+        setattr(kernels, name, rec)
+    kernels.use_triton = lambda x: True   # CPU tensors down the Triton path; nothing is launched
+    try:
+        def backward(out, *inputs):
+            torch.autograd.grad(out, inputs, torch.ones_like(out), allow_unused=True)
+
+        for D in head_dims:
+            q, k, v = (torch.randn(1, h, 256, D, dtype=dtype, requires_grad=True) for h in (4, 2, 2))
+            backward(kernels.attention(q, k, v, causal=True), q, k, v)
+            lse, delta = torch.zeros(1, 4, 256), torch.zeros(1, 4, 256)
+            kernels.attention_block_backward(q, k, v, q, lse, delta, causal=False)   # ring attention's block
+            kernels.ATOMIC_DQ = not kernels.ATOMIC_DQ                                  # the other dQ
+            backward(kernels.attention(q, k, v, causal=True), q, k, v)
+            kernels.ATOMIC_DQ = not kernels.ATOMIC_DQ
+        x, w = torch.randn(64, 4096, dtype=dtype, requires_grad=True), torch.ones(4096, dtype=dtype, requires_grad=True)
+        backward(kernels.rms_norm(x, w, 1e-5), x, w)
+        gate, up = (torch.randn(64, 14336, dtype=dtype, requires_grad=True) for _ in range(2))
+        backward(kernels.swiglu(gate, up), gate, up)
+        logits, targets = torch.randn(64, 128256, dtype=dtype, requires_grad=True), torch.zeros(64, dtype=torch.long)
+        backward(kernels.cross_entropy(logits, targets), logits)
+    finally:
+        for name, rec in recorders.items():
+            setattr(kernels, name, rec.kernel)
+        kernels.use_triton = saved_use_triton
+    return {name: (rec.kernel, rec.launches) for name, rec in recorders.items() if rec.launches}
+
+
+def compile_launch(kernel, args, kwargs, arch):
+    """triton.compile of one launch for sm_<arch>, specialised as a launch on that GPU would be."""
+    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def resource_usage(compiled):
+    """(registers per thread, spilled bytes per thread, static shared bytes) from cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    fields = dict(item.split(":") for item in out.split("Function", 1)[1].split()[1:] if ":" in item)
+    return int(fields["REG"]), int(fields["LOCAL"]), int(fields["SHARED"])
+
+
+def configs_of(kernel, first_only):
+    """The autotune configs the autotuner would try (first only: one), or the launch's own."""
+    if not isinstance(kernel, Autotuner):
+        return [None]
+    return kernel.configs[:1] if first_only else kernel.configs
+
+
+def describe(launch_kwargs, config):
+    meta = dict(launch_kwargs, **(config.all_kwargs() if config else {}))
+    blocks = "x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK") if k in meta)
+    fixed = ",".join(f"{k}={meta[k]}" for k in ("HEAD_DIM", "CAUSAL", "ATOMIC_DQ", "BLOCK_V") if k in meta)
+    return blocks, meta.get("num_warps", 4), meta.get("num_stages", 3), fixed
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="90,80", help="compute capabilities, e.g. 90 (H100/H200), 80 (A100)")
+    p.add_argument("--dtype", default="bf16,fp16,fp32")
+    p.add_argument("--head-dims", default="64,128")
+    p.add_argument("--first-config", action="store_true", help="only each kernel's first autotune config")
+    args = p.parse_args()
+    head_dims = [int(d) for d in args.head_dims.split(",")]
+    print(f"triton {triton.__version__}; compiled offline, no GPU needed; shared = dynamic + static bytes\n")
+    print("| arch | dtype | kernel | specialisation | blocks | warps | stages | regs | spill B | shared KiB | fits |")
+    print("|------|-------|--------|----------------|--------|-------|--------|------|---------|------------|------|")
+    failures = 0
+    for arch in (int(a) for a in args.arch.split(",")):
+        for dtype_name in args.dtype.split(","):
+            seen = set()
+            for name, (kernel, launches) in record_launches(DTYPES[dtype_name], head_dims).items():
+                for launch_args, launch_kwargs in launches:
+                    for config in configs_of(kernel, args.first_config):
+                        kwargs = dict(launch_kwargs, **(config.all_kwargs() if config else {}))
+                        blocks, warps, stages, fixed = describe(launch_kwargs, config)
+                        dtypes = tuple(str(getattr(a, "dtype", "")) for a in launch_args)
+                        key = (name, blocks, warps, stages, fixed, dtypes)
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        row = f"| sm_{arch} | {dtype_name} | {name} | {fixed} | {blocks} | {warps} | {stages} |"
+                        try:
+                            compiled = compile_launch(kernel, launch_args, kwargs, arch)
+                        except Exception as e:  # report every failure, not only the first
+                            failures += 1
+                            print(f"{row} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]} |||", flush=True)
+                            continue
+                        regs, spill, static = resource_usage(compiled)
+                        shared = compiled.metadata.shared + static
+                        fits = "yes" if shared <= SHARED_LIMIT.get(arch, 0) else "no (autotuner skips it)"
+                        print(f"{row} {regs} | {spill} | {shared / 1024:.0f} | {fits} |", flush=True)
+    if failures:
+        print(f"\n{failures} compile(s) failed")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
