@@ -120,6 +120,42 @@ def _fwd_configs():
             for m, n, w, s in [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 4), (32, 32, 4, 1)]]
 
 
+@triton.jit
+def _attn_fwd_blocks(acc, l_i, m_i, q, K, V, rows, lo, hi, sk_s, sv_s, SK, qk_scale,
+                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+    """The online softmax over key blocks lo, lo + BLOCK_N, ... < hi. MASK: the blocks on the
+    causal diagonal or at the end of the keys, which need masking; the others (most of them
+    at long sequences) skip its compares and selects (the Triton tutorial's two stages)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASK:
+            k = tl.load(K + cols[:, None] * sk_s + offs_d[None, :], mask=cols[:, None] < SK, other=0.0)
+            v = tl.load(V + cols[:, None] * sv_s + offs_d[None, :], mask=cols[:, None] < SK, other=0.0)
+        else:
+            k = tl.load(K + cols[:, None] * sk_s + offs_d[None, :])
+            v = tl.load(V + cols[:, None] * sv_s + offs_d[None, :])
+        # qk_scale = scale * log2(e): scores in base 2 so the exponential is one exp2
+        # (the native MUFU instruction); FA2 and the Triton tutorial do the same.
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale   # (BLOCK_M, BLOCK_N)
+        if MASK:
+            keep = cols[None, :] < SK
+            if CAUSAL:
+                keep &= cols[None, :] <= rows[:, None]
+            s = tl.where(keep, s, float("-inf"))
+        # Online softmax. Every row sees a key in its first block (column 0, or in the masked
+        # stage its own diagonal), so m_new is finite and alpha = exp2(-inf) = 0, never NaN.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
 @_autotune(_fwd_configs(), triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}), key=["SQ", "SK", "HEAD_DIM", "CAUSAL"])
 @triton.jit
 def _attn_fwd(Q, K, V, OUT, LSE,
@@ -135,37 +171,24 @@ def _attn_fwd(Q, K, V, OUT, LSE,
     K += b * sk_b + (h // GROUP) * sk_h
     V += b * sv_b + (h // GROUP) * sv_h
     rows = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + rows[:, None] * sq_s + offs_d[None, :], mask=rows[:, None] < SQ, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (base-2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)                # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)      # unnormalised output
-    # Causal block skipping: key blocks wholly above the diagonal are never loaded.
+    # Key blocks wholly inside the keys, and (causal) wholly left of this program's first
+    # row, need no mask. Causal block skipping: blocks wholly above the diagonal never load.
+    unmasked = (SK // BLOCK_N) * BLOCK_N
     if CAUSAL:
+        unmasked = tl.minimum(unmasked, (start_m // BLOCK_N) * BLOCK_N)
         hi = tl.minimum(SK, start_m + BLOCK_M)
     else:
         hi = SK
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        k = tl.load(K + cols[:, None] * sk_s + offs_d[None, :], mask=cols[:, None] < SK, other=0.0)
-        v = tl.load(V + cols[:, None] * sv_s + offs_d[None, :], mask=cols[:, None] < SK, other=0.0)
-        # qk_scale = scale * log2(e): scores in base 2 so the exponential is one exp2
-        # (the native MUFU instruction); FA2 and the Triton tutorial do the same.
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale   # (BLOCK_M, BLOCK_N)
-        keep = cols[None, :] < SK
-        if CAUSAL:
-            keep &= cols[None, :] <= rows[:, None]
-        s = tl.where(keep, s, float("-inf"))
-        # Online softmax. Every row sees column 0 in its first block, so m_new is finite
-        # and alpha = exp2(-inf) = 0 on the first step, never NaN.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    acc, l_i, m_i = _attn_fwd_blocks(acc, l_i, m_i, q, K, V, rows, 0, unmasked, sk_s, sv_s, SK, qk_scale,
+                                     HEAD_DIM, CAUSAL, PRECISION, BLOCK_N, MASK=False)
+    acc, l_i, m_i = _attn_fwd_blocks(acc, l_i, m_i, q, K, V, rows, unmasked, hi, sk_s, sv_s, SK, qk_scale,
+                                     HEAD_DIM, CAUSAL, PRECISION, BLOCK_N, MASK=True)
     # FA2 section 3.1.1: divide by the normaliser once, after the loop.
     out = acc / l_i[:, None]
     tl.store(OUT + b * so_b + h * so_h + rows[:, None] * so_s + offs_d[None, :],
@@ -199,6 +222,51 @@ def _dkdv_configs():
             for m, n, w, s in [(64, 32, 8, 3), (32, 64, 8, 3), (64, 64, 8, 2), (32, 32, 4, 1)]]
 
 
+@triton.jit
+def _attn_dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, cols, lo, hi, sq_s, sdo_s, SQ, SK, sm_scale, qk_scale,
+                      HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                      ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr):
+    """dK and dV summed over query blocks lo, lo + BLOCK_M, ... < hi of one query head. MASK:
+    the blocks on the causal diagonal, at the end of the queries, or beside a key block cut
+    by the end of the keys; the others skip the bounds and the compares."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        # Keys along rows here (the transposed orientation of the forward): then P^T and
+        # dS^T come straight out of the dots and only loaded tiles are ever transposed,
+        # which costs no register shuffles (the Triton tutorial's layout).
+        if MASK:
+            q_t = tl.load(Q + rows[None, :] * sq_s + offs_d[:, None], mask=rows[None, :] < SQ, other=0.0)
+            do = tl.load(DO + rows[:, None] * sdo_s + offs_d[None, :], mask=rows[:, None] < SQ, other=0.0)
+            lse = tl.load(LSE + rows, mask=rows < SQ, other=0.0)
+            delta = tl.load(DELTA + rows, mask=rows < SQ, other=0.0)
+        else:
+            q_t = tl.load(Q + rows[None, :] * sq_s + offs_d[:, None])
+            do = tl.load(DO + rows[:, None] * sdo_s + offs_d[None, :])
+            lse = tl.load(LSE + rows)
+            delta = tl.load(DELTA + rows)
+        # Recompute P from the saved log-sum-exp instead of storing it (log2(e): base 2).
+        p_t = tl.exp2(tl.dot(k, q_t, input_precision=PRECISION) * qk_scale
+                      - lse[None, :] * 1.4426950408889634)                        # (BLOCK_N, BLOCK_M)
+        if MASK:
+            keep = (cols[:, None] < SK) & (rows[None, :] < SQ)
+            if CAUSAL:
+                keep &= cols[:, None] <= rows[None, :]
+            p_t = tl.where(keep, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])                                         # dL/d(scaled scores)^T
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION) * sm_scale   # (BLOCK_M, D)
+            if MASK:
+                tl.atomic_add(DQ_ACC + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=rows[:, None] < SQ)
+            else:
+                tl.atomic_add(DQ_ACC + rows[:, None] * HEAD_DIM + offs_d[None, :], dq)
+    return dk, dv
+
+
 @_autotune(_dkdv_configs(), triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}),
            key=["SQ", "SK", "HEAD_DIM", "CAUSAL", "ATOMIC_DQ"], reset_to_zero=["DQ_ACC"])
 @triton.jit
@@ -217,46 +285,41 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
     bh = tl.program_id(1).to(tl.int64)
     b, kvh = bh // HKV, bh % HKV
     cols = start_n + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     kv_mask = cols[:, None] < SK
     k = tl.load(K + b * sk_b + kvh * sk_h + cols[:, None] * sk_s + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(V + b * sv_b + kvh * sv_h + cols[:, None] * sv_s + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    # Causal: query blocks wholly before this key block cannot see it.
+    # Query blocks [lo, SQ) see these keys; causal skips those wholly before them. Of these,
+    # [mid_lo, mid_hi) need no mask: past the diagonal, before the end of the queries, and
+    # only when this key block is whole (a cut one is masked throughout).
     if CAUSAL:
         lo = (start_n // BLOCK_M) * BLOCK_M
+        mid_lo = tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M
     else:
         lo = 0
+        mid_lo = 0
+    if start_n + BLOCK_N <= SK:
+        mid_hi = (SQ // BLOCK_M) * BLOCK_M
+    else:
+        mid_hi = lo
+    mid_lo = tl.minimum(mid_lo, mid_hi)
     for g in range(GROUP):
         h = kvh * GROUP + g
         q_ptr = Q + b * sq_b + h * sq_h
         do_ptr = DO + b * sdo_b + h * sdo_h
-        row_ptr = (b * HKV * GROUP + h) * SQ                   # into LSE and DELTA, (B, Hq, SQ)
-        for start_m in range(lo, SQ, BLOCK_M):
-            rows = start_m + offs_m
-            # Keys along rows here (the transposed orientation of the forward): then P^T and
-            # dS^T come straight out of the dots and only loaded tiles are ever transposed,
-            # which costs no register shuffles (the Triton tutorial's layout).
-            q_t = tl.load(q_ptr + rows[None, :] * sq_s + offs_d[:, None], mask=rows[None, :] < SQ, other=0.0)
-            do = tl.load(do_ptr + rows[:, None] * sdo_s + offs_d[None, :], mask=rows[:, None] < SQ, other=0.0)
-            lse = tl.load(LSE + row_ptr + rows, mask=rows < SQ, other=0.0)
-            delta = tl.load(DELTA + row_ptr + rows, mask=rows < SQ, other=0.0)
-            # Recompute P from the saved log-sum-exp instead of storing it.
-            s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale               # (BLOCK_N, BLOCK_M)
-            keep = (cols[:, None] < SK) & (rows[None, :] < SQ)
-            if CAUSAL:
-                keep &= cols[:, None] <= rows[None, :]
-            p_t = tl.where(keep, tl.exp2(s_t - lse[None, :] * 1.4426950408889634), 0.0)   # log2(e)
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])                                     # dL/d(scaled scores)^T
-            dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
-            if ATOMIC_DQ:
-                dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION) * sm_scale   # (BLOCK_M, D)
-                tl.atomic_add(DQ_ACC + (row_ptr + rows[:, None]) * HEAD_DIM + offs_d[None, :], dq,
-                              mask=rows[:, None] < SQ)
+        row = (b * HKV * GROUP + h) * SQ                    # row 0 of this head in LSE, DELTA (B, Hq, SQ)
+        dq_ptr = DQ_ACC + row * HEAD_DIM
+        dk, dv = _attn_dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, LSE + row, DELTA + row, dq_ptr, cols, lo, mid_lo,
+                                   sq_s, sdo_s, SQ, SK, sm_scale, qk_scale,
+                                   HEAD_DIM, CAUSAL, PRECISION, ATOMIC_DQ, BLOCK_M, MASK=True)
+        dk, dv = _attn_dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, LSE + row, DELTA + row, dq_ptr, cols, mid_lo, mid_hi,
+                                   sq_s, sdo_s, SQ, SK, sm_scale, qk_scale,
+                                   HEAD_DIM, CAUSAL, PRECISION, ATOMIC_DQ, BLOCK_M, MASK=False)
+        dk, dv = _attn_dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, LSE + row, DELTA + row, dq_ptr, cols, mid_hi, SQ,
+                                   sq_s, sdo_s, SQ, SK, sm_scale, qk_scale,
+                                   HEAD_DIM, CAUSAL, PRECISION, ATOMIC_DQ, BLOCK_M, MASK=True)
     tl.store(DK + b * sk_b + kvh * sk_h + cols[:, None] * sk_s + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * sv_b + kvh * sv_h + cols[:, None] * sv_s + offs_d[None, :],
@@ -268,6 +331,34 @@ def _dq_configs():
             for m, n, w, s in [(128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3), (32, 32, 4, 1)]]
 
 
+@triton.jit
+def _attn_dq_blocks(dq, q, do, lse2, delta, K, V, rows, lo, hi, sk_s, sv_s, SK, qk_scale,
+                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+    """dQ summed over key blocks lo, lo + BLOCK_N, ... < hi; MASK as in _attn_fwd_blocks."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASK:
+            k = tl.load(K + cols[:, None] * sk_s + offs_d[None, :], mask=cols[:, None] < SK, other=0.0)
+            v = tl.load(V + cols[:, None] * sv_s + offs_d[None, :], mask=cols[:, None] < SK, other=0.0)
+        else:
+            k = tl.load(K + cols[:, None] * sk_s + offs_d[None, :])
+            v = tl.load(V + cols[:, None] * sv_s + offs_d[None, :])
+        # Recompute P from the saved log-sum-exp instead of storing it.
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
+        if MASK:
+            keep = cols[None, :] < SK
+            if CAUSAL:
+                keep &= cols[None, :] <= rows[:, None]
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])                                   # dL/d(scaled scores)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
 @_autotune(_dq_configs(), triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}), key=["SQ", "SK", "HEAD_DIM", "CAUSAL"])
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
@@ -277,37 +368,31 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, head); loops over key blocks like the
     forward and sums dQ in registers. A separate kernel from dK/dV so neither needs atomics
-    (the Triton tutorial's split); it recomputes QK^T once more, which is the price."""
+    (the Triton tutorial's split); it recomputes QK^T once more, which is the price.
+    Rows past SQ load zeros and are never stored, so only the key side is masked."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     rows = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_mask = rows[:, None] < SQ
     q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_s + offs_d[None, :], mask=row_mask, other=0.0)
     do = tl.load(DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_s + offs_d[None, :], mask=row_mask, other=0.0)
-    lse = tl.load(LSE + bh * SQ + rows, mask=rows < SQ, other=0.0)
+    lse2 = tl.load(LSE + bh * SQ + rows, mask=rows < SQ, other=0.0) * 1.4426950408889634   # log2(e): base 2
     delta = tl.load(DELTA + bh * SQ + rows, mask=rows < SQ, other=0.0)
     K += b * sk_b + (h // GROUP) * sk_h
     V += b * sv_b + (h // GROUP) * sv_h
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    unmasked = (SK // BLOCK_N) * BLOCK_N                 # the forward's split of the key blocks
     if CAUSAL:
+        unmasked = tl.minimum(unmasked, (start_m // BLOCK_N) * BLOCK_N)
         hi = tl.minimum(SK, start_m + BLOCK_M)
     else:
         hi = SK
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        k = tl.load(K + cols[:, None] * sk_s + offs_d[None, :], mask=cols[:, None] < SK, other=0.0)
-        v = tl.load(V + cols[:, None] * sv_s + offs_d[None, :], mask=cols[:, None] < SK, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        keep = (rows[:, None] < SQ) & (cols[None, :] < SK)
-        if CAUSAL:
-            keep &= cols[None, :] <= rows[:, None]
-        p = tl.where(keep, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq = _attn_dq_blocks(dq, q, do, lse2, delta, K, V, rows, 0, unmasked, sk_s, sv_s, SK, qk_scale,
+                         HEAD_DIM, CAUSAL, PRECISION, BLOCK_N, MASK=False)
+    dq = _attn_dq_blocks(dq, q, do, lse2, delta, K, V, rows, unmasked, hi, sk_s, sv_s, SK, qk_scale,
+                         HEAD_DIM, CAUSAL, PRECISION, BLOCK_N, MASK=True)
     tl.store(DQ + b * sq_b + h * sq_h + rows[:, None] * sq_s + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_mask)
 
