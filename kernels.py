@@ -215,56 +215,13 @@ def _attn_bwd_delta(OUT, DO, DELTA, so_b, so_h, so_s, sdo_b, sdo_h, sdo_s, H, SQ
 
 
 def _dkdv_configs():
-    # dK and dV stay in registers for the whole program (2 x BLOCK_N x D fp32), so the tiles
-    # are smaller than the forward's. None of these spills on sm_90 or sm_80 at head dims 64
-    # and 128 (bench/compile_kernels.py); the autotuner decides by time.
+    # dK and dV stay in registers for the whole program (2 x BLOCK_N x D fp32), so the query
+    # tiles are small. On sm_90 a dot becomes Hopper's wgmma (HGMMA) only when its M, here
+    # BLOCK_N keys, is at least 64: the middle three, none of which spills there at head
+    # dims 64 and 128; the first is for the A100 (HMMA only, and it spills least there), the
+    # last for fp32. bench/compile_kernels.py prints all of this; the autotuner picks by time.
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in [(64, 32, 8, 3), (32, 64, 8, 3), (64, 64, 8, 2), (32, 32, 4, 1)]]
-
-
-@triton.jit
-def _attn_dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, cols, lo, hi, sq_s, sdo_s, SQ, SK, sm_scale, qk_scale,
-                      HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                      ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr):
-    """dK and dV summed over query blocks lo, lo + BLOCK_M, ... < hi of one query head. MASK:
-    the blocks on the causal diagonal, at the end of the queries, or beside a key block cut
-    by the end of the keys; the others skip the bounds and the compares."""
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    for start_m in range(lo, hi, BLOCK_M):
-        rows = start_m + offs_m
-        # Keys along rows here (the transposed orientation of the forward): then P^T and
-        # dS^T come straight out of the dots and only loaded tiles are ever transposed,
-        # which costs no register shuffles (the Triton tutorial's layout).
-        if MASK:
-            q_t = tl.load(Q + rows[None, :] * sq_s + offs_d[:, None], mask=rows[None, :] < SQ, other=0.0)
-            do = tl.load(DO + rows[:, None] * sdo_s + offs_d[None, :], mask=rows[:, None] < SQ, other=0.0)
-            lse = tl.load(LSE + rows, mask=rows < SQ, other=0.0)
-            delta = tl.load(DELTA + rows, mask=rows < SQ, other=0.0)
-        else:
-            q_t = tl.load(Q + rows[None, :] * sq_s + offs_d[:, None])
-            do = tl.load(DO + rows[:, None] * sdo_s + offs_d[None, :])
-            lse = tl.load(LSE + rows)
-            delta = tl.load(DELTA + rows)
-        # Recompute P from the saved log-sum-exp instead of storing it (log2(e): base 2).
-        p_t = tl.exp2(tl.dot(k, q_t, input_precision=PRECISION) * qk_scale
-                      - lse[None, :] * 1.4426950408889634)                        # (BLOCK_N, BLOCK_M)
-        if MASK:
-            keep = (cols[:, None] < SK) & (rows[None, :] < SQ)
-            if CAUSAL:
-                keep &= cols[:, None] <= rows[None, :]
-            p_t = tl.where(keep, p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])                                         # dL/d(scaled scores)^T
-        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
-        if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION) * sm_scale   # (BLOCK_M, D)
-            if MASK:
-                tl.atomic_add(DQ_ACC + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=rows[:, None] < SQ)
-            else:
-                tl.atomic_add(DQ_ACC + rows[:, None] * HEAD_DIM + offs_d[None, :], dq)
-    return dk, dv
+            for m, n, w, s in [(64, 32, 8, 3), (32, 64, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3), (32, 32, 4, 1)]]
 
 
 @_autotune(_dkdv_configs(), triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}),
@@ -285,41 +242,46 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
     bh = tl.program_id(1).to(tl.int64)
     b, kvh = bh // HKV, bh % HKV
     cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     kv_mask = cols[:, None] < SK
     k = tl.load(K + b * sk_b + kvh * sk_h + cols[:, None] * sk_s + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(V + b * sv_b + kvh * sv_h + cols[:, None] * sv_s + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    # Query blocks [lo, SQ) see these keys; causal skips those wholly before them. Of these,
-    # [mid_lo, mid_hi) need no mask: past the diagonal, before the end of the queries, and
-    # only when this key block is whole (a cut one is masked throughout).
+    # Causal: query blocks wholly before this key block cannot see it.
     if CAUSAL:
         lo = (start_n // BLOCK_M) * BLOCK_M
-        mid_lo = tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M
     else:
         lo = 0
-        mid_lo = 0
-    if start_n + BLOCK_N <= SK:
-        mid_hi = (SQ // BLOCK_M) * BLOCK_M
-    else:
-        mid_hi = lo
-    mid_lo = tl.minimum(mid_lo, mid_hi)
     for g in range(GROUP):
         h = kvh * GROUP + g
         q_ptr = Q + b * sq_b + h * sq_h
         do_ptr = DO + b * sdo_b + h * sdo_h
-        row = (b * HKV * GROUP + h) * SQ                    # row 0 of this head in LSE, DELTA (B, Hq, SQ)
-        dq_ptr = DQ_ACC + row * HEAD_DIM
-        dk, dv = _attn_dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, LSE + row, DELTA + row, dq_ptr, cols, lo, mid_lo,
-                                   sq_s, sdo_s, SQ, SK, sm_scale, qk_scale,
-                                   HEAD_DIM, CAUSAL, PRECISION, ATOMIC_DQ, BLOCK_M, MASK=True)
-        dk, dv = _attn_dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, LSE + row, DELTA + row, dq_ptr, cols, mid_lo, mid_hi,
-                                   sq_s, sdo_s, SQ, SK, sm_scale, qk_scale,
-                                   HEAD_DIM, CAUSAL, PRECISION, ATOMIC_DQ, BLOCK_M, MASK=False)
-        dk, dv = _attn_dkdv_blocks(dk, dv, k, v, q_ptr, do_ptr, LSE + row, DELTA + row, dq_ptr, cols, mid_hi, SQ,
-                                   sq_s, sdo_s, SQ, SK, sm_scale, qk_scale,
-                                   HEAD_DIM, CAUSAL, PRECISION, ATOMIC_DQ, BLOCK_M, MASK=True)
+        row_ptr = (b * HKV * GROUP + h) * SQ                   # into LSE and DELTA, (B, Hq, SQ)
+        for start_m in range(lo, SQ, BLOCK_M):
+            rows = start_m + offs_m
+            # Keys along rows here (the transposed orientation of the forward): then P^T and
+            # dS^T come straight out of the dots and only loaded tiles are ever transposed,
+            # which costs no register shuffles (the Triton tutorial's layout).
+            q_t = tl.load(q_ptr + rows[None, :] * sq_s + offs_d[:, None], mask=rows[None, :] < SQ, other=0.0)
+            do = tl.load(do_ptr + rows[:, None] * sdo_s + offs_d[None, :], mask=rows[:, None] < SQ, other=0.0)
+            lse = tl.load(LSE + row_ptr + rows, mask=rows < SQ, other=0.0)
+            delta = tl.load(DELTA + row_ptr + rows, mask=rows < SQ, other=0.0)
+            # Recompute P from the saved log-sum-exp instead of storing it.
+            s_t = tl.dot(k, q_t, input_precision=PRECISION) * qk_scale               # (BLOCK_N, BLOCK_M)
+            keep = (cols[:, None] < SK) & (rows[None, :] < SQ)
+            if CAUSAL:
+                keep &= cols[:, None] <= rows[None, :]
+            p_t = tl.where(keep, tl.exp2(s_t - lse[None, :] * 1.4426950408889634), 0.0)   # log2(e)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])                                     # dL/d(scaled scores)^T
+            dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
+            if ATOMIC_DQ:
+                dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION) * sm_scale   # (BLOCK_M, D)
+                tl.atomic_add(DQ_ACC + (row_ptr + rows[:, None]) * HEAD_DIM + offs_d[None, :], dq,
+                              mask=rows[:, None] < SQ)
     tl.store(DK + b * sk_b + kvh * sk_h + cols[:, None] * sk_s + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * sv_b + kvh * sv_h + cols[:, None] * sv_s + offs_d[None, :],

@@ -1,5 +1,6 @@
 """Compile every Triton kernel of kernels.py for a GPU, on a machine that has none, and print
-what ptxas reports for each autotune config: registers, spilled bytes, shared memory.
+for each autotune config what the compiled code holds: registers per thread, the stack frame
+(register spills live there), shared memory, and which matrix instructions the dots became.
 
     python bench/compile_kernels.py                        # sm_90 (H100/H200) and sm_80 (A100)
     python bench/compile_kernels.py --arch 90 --dtype bf16 --first-config
@@ -11,10 +12,15 @@ script finds out on a CPU: it runs kernels.py's public ops on small CPU tensors 
 kernel replaced by a recorder of its launches, then compiles each recorded launch for the
 target with each of the kernel's autotune configs, as the autotuner would on that GPU.
 Registers and spills decide occupancy and speed there, so they are what to read before tuning.
+The "mma" column reads the machine code: on sm_90, HGMMA is Hopper's warpgroup matrix
+instruction (wgmma); HMMA there is the older per-warp one, a slower path for the same dot
+(Triton falls back to it when a dot's M is under 64 rows per warpgroup, for one).
 Exit status 1 when a compile fails.
 """
 import argparse
+import collections
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -90,15 +96,21 @@ def compile_launch(kernel, args, kwargs, arch):
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
-def resource_usage(compiled):
-    """(registers per thread, spilled bytes per thread, static shared bytes) from cuobjdump."""
+def cuobjdump(compiled, flag):
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        out = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout
+        return subprocess.run([knobs.nvidia.cuobjdump.path, flag, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def resource_usage(compiled):
+    """(registers per thread, stack frame bytes per thread, static shared bytes, matrix
+    instructions) of the compiled kernel. Spilled registers go to the stack frame (LDL/STL)."""
+    out = cuobjdump(compiled, "--dump-resource-usage")
     fields = dict(item.split(":") for item in out.split("Function", 1)[1].split()[1:] if ":" in item)
-    return int(fields["REG"]), int(fields["LOCAL"]), int(fields["SHARED"])
+    mma = collections.Counter(re.findall(r"\b(HGMMA|HMMA)\.", cuobjdump(compiled, "--dump-sass")))
+    return int(fields["REG"]), int(fields["STACK"]), int(fields["SHARED"]), "+".join(sorted(mma)) or "-"
 
 
 def configs_of(kernel, first_only):
@@ -124,8 +136,10 @@ def main():
     args = p.parse_args()
     head_dims = [int(d) for d in args.head_dims.split(",")]
     print(f"triton {triton.__version__}; compiled offline, no GPU needed; shared = dynamic + static bytes\n")
-    print("| arch | dtype | kernel | specialisation | blocks | warps | stages | regs | spill B | shared KiB | fits |")
-    print("|------|-------|--------|----------------|--------|-------|--------|------|---------|------------|------|")
+    print("| arch | dtype | kernel | specialisation | blocks | warps | stages | regs | stack B | shared KiB | fits "
+          "| mma |")
+    print("|------|-------|--------|----------------|--------|-------|--------|------|---------|------------|------"
+          "|-----|")
     failures = 0
     for arch in (int(a) for a in args.arch.split(",")):
         for dtype_name in args.dtype.split(","):
@@ -147,10 +161,10 @@ def main():
                             failures += 1
                             print(f"{row} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]} |||", flush=True)
                             continue
-                        regs, spill, static = resource_usage(compiled)
+                        regs, stack, static, mma = resource_usage(compiled)
                         shared = compiled.metadata.shared + static
                         fits = "yes" if shared <= SHARED_LIMIT.get(arch, 0) else "no (autotuner skips it)"
-                        print(f"{row} {regs} | {spill} | {shared / 1024:.0f} | {fits} |", flush=True)
+                        print(f"{row} {regs} | {stack} | {shared / 1024:.0f} | {fits} | {mma} |", flush=True)
     if failures:
         print(f"\n{failures} compile(s) failed")
     sys.exit(1 if failures else 0)

@@ -9,10 +9,13 @@ the FlashAttention-2 paper's setting), S from 512 to 16k, head dim 64 and 128, c
     ours   kernels.attention (Triton, FlashAttention-2)
     sdpa   torch's scaled_dot_product_attention pinned to one backend, named in the table
     eager  softmax(q k^T * scale) v in plain torch (it materialises S x S: OOM is reported)
+    ours, atomic dQ   the same with kernels.ATOMIC_DQ: dQ by atomic adds from the dK/dV
+                      kernel instead of a second kernel (forward+backward only; the issue's
+                      "without atomics, or with if faster: measure")
 TFLOP/s counts 4 * B * H * S^2 * D per forward (halved when causal) and 2.5x that for the
 backward, so forward+backward is 3.5x; "peak" is the memory allocated above the inputs.
-"err" is ours against sdpa (max |difference| of the outputs): the bf16 attention path cannot
-be run under the CPU interpreter, so this is where it is checked.
+"err" is ours against sdpa (max |difference| of the outputs), a check of the compiled bf16
+path on top of the tests (which run it under the interpreter).
 
 Row-wise ops (RMSNorm, SwiGLU, cross-entropy): GB/s = the bytes that must move (each input
 read once, each output written once) / time, for ours, eager (the torch reference) and
@@ -20,6 +23,8 @@ torch.compile of the reference, forward and forward+backward, with % of the GPU'
 
 Without CUDA there is nothing to time: the script says so and runs a correctness smoke test
 of every kernel under TRITON_INTERPRET=1 instead. That is a correctness path, never a speed.
+(bench/compile_kernels.py, which needs no GPU either, reports registers, spills and shared
+memory of the compiled kernels.)
 """
 import argparse
 import datetime
@@ -92,8 +97,11 @@ def pinned_sdpa(q, k, v, causal):
     return (lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal)), "default"
 
 
-def attention_rows(seqs, head_dims, dtype, tokens, hidden):
-    rows = []
+def attention_table(seqs, head_dims, dtype, tokens, hidden):
+    """Prints the table a row at a time (a run cut short by a time limit keeps what it measured)."""
+    print("| D   | mask   | S     | BxH   | pass    | impl                     | ms       | TFLOP/s | peak GiB "
+          "| err      |\n|-----|--------|-------|-------|---------|--------------------------|----------|---------|"
+          "----------|----------|", flush=True)
     for D in head_dims:
         for causal in (True, False):
             for S in seqs:
@@ -102,11 +110,15 @@ def attention_rows(seqs, head_dims, dtype, tokens, hidden):
                 dout = torch.randn_like(q)
                 fwd_flops = 4 * B * H * S * S * D / (2 if causal else 1)
                 sdpa, sdpa_name = pinned_sdpa(q, k, v, causal)
-                impls = {"ours": kernels.attention, f"sdpa ({sdpa_name})": sdpa, "eager": eager_attention}
+                impls = {"ours": kernels.attention, "ours, atomic dQ": kernels.attention,
+                         f"sdpa ({sdpa_name})": sdpa, "eager": eager_attention}
                 with torch.no_grad():
                     err = (kernels.attention(q, k, v, causal=causal) - sdpa(q, k, v, causal)).abs().max().item()
                 for name, f in impls.items():
                     for mode, flops, grad in (("fwd", fwd_flops, None), ("fwd+bwd", 3.5 * fwd_flops, dout)):
+                        if name == "ours, atomic dQ" and mode == "fwd":
+                            continue              # the same forward as ours
+                        kernels.ATOMIC_DQ = name == "ours, atomic dQ"   # read when the backward runs
                         try:
                             ms, mem = measure(f, (q, k, v, causal), grad)
                             cells = f"{ms:8.3f} | {flops / ms / 1e9:7.1f} | {mem:8.2f}"
@@ -114,13 +126,9 @@ def attention_rows(seqs, head_dims, dtype, tokens, hidden):
                             cells = "     OOM |       - |        -"
                         torch.cuda.empty_cache()
                         err_cell = f"{err:.2e}" if name == "ours" else ""
-                        rows.append(f"| {D:3d} | {'causal' if causal else 'full':6s} | {S:5d} | {B:2d}x{H:2d} | "
-                                    f"{mode:7s} | {name:24s} | {cells} | {err_cell:8s} |")
+                        print(f"| {D:3d} | {'causal' if causal else 'full':6s} | {S:5d} | {B:2d}x{H:2d} | "
+                              f"{mode:7s} | {name:24s} | {cells} | {err_cell:8s} |", flush=True)
                 del q, k, v, dout
-    head = ("| D   | mask   | S     | BxH   | pass    | impl                     | ms       | TFLOP/s | peak GiB "
-            "| err      |\n|-----|--------|-------|-------|---------|--------------------------|----------|---------|"
-            "----------|----------|")
-    return head + "\n" + "\n".join(rows)
 
 
 # ----------------------------------------------------------------------------------------
@@ -154,8 +162,9 @@ def rowwise_cases(dtype, tokens, d_model, d_ff, vocab):
     ]
 
 
-def rowwise_rows(dtype, tokens, d_model, d_ff, vocab, peak_tbps):
-    rows = []
+def rowwise_table(dtype, tokens, d_model, d_ff, vocab, peak_tbps):
+    print("| op            | pass    | impl          | ms       | GB/s    | % HBM |\n"
+          "|---------------|---------|---------------|----------|---------|-------|", flush=True)
     for name, make, ours, ref, fwd_bytes, fwdbwd_bytes in rowwise_cases(dtype, tokens, d_model, d_ff, vocab):
         inputs = make()
         impls = {"ours": ours, "eager": ref, "torch.compile": torch.compile(ref)}
@@ -165,12 +174,9 @@ def rowwise_rows(dtype, tokens, d_model, d_ff, vocab, peak_tbps):
                 ms, _ = measure(f, inputs, grad)
                 gbps = nbytes / ms / 1e6
                 pct = f"{100 * gbps / 1e3 / peak_tbps:5.1f}" if peak_tbps else "    -"
-                rows.append(f"| {name:13s} | {mode:7s} | {impl:13s} | {ms:8.3f} | {gbps:7.0f} | {pct} |")
+                print(f"| {name:13s} | {mode:7s} | {impl:13s} | {ms:8.3f} | {gbps:7.0f} | {pct} |", flush=True)
         del inputs
         torch.cuda.empty_cache()
-    head = ("| op            | pass    | impl          | ms       | GB/s    | % HBM |\n"
-            "|---------------|---------|---------------|----------|---------|-------|")
-    return head + "\n" + "\n".join(rows)
 
 
 # ----------------------------------------------------------------------------------------
@@ -231,9 +237,10 @@ def main():
     if args.only in (None, "attention"):
         seqs = [int(s) for s in args.seqs.split(",")]
         head_dims = [int(d) for d in args.head_dims.split(",")]
-        print(attention_rows(seqs, head_dims, dtype, args.tokens, args.hidden), "\n")
+        attention_table(seqs, head_dims, dtype, args.tokens, args.hidden)
+        print()
     if args.only in (None, "rowwise"):
-        print(rowwise_rows(dtype, args.tokens, args.d_model, args.d_ff, args.vocab, peak))
+        rowwise_table(dtype, args.tokens, args.d_model, args.d_ff, args.vocab, peak)
         if peak is None:
             print(f"(no HBM peak on file for {name!r}: add it to HBM_TBPS for the % column)")
 
