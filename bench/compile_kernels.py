@@ -12,7 +12,8 @@ script finds out on a CPU: it runs kernels.py's public ops on small CPU tensors 
 kernel replaced by a recorder of its launches, then compiles each recorded launch for the
 target with each of the kernel's autotune configs, as the autotuner would on that GPU.
 Registers and spills decide occupancy and speed there, so they are what to read before tuning.
-The "mma" column reads the machine code: on sm_90, HGMMA is Hopper's warpgroup matrix
+The last two columns read the machine code. "access": the widest global load in bytes per
+thread (16 is the full vector width that memory-bound kernels want). "mma": on sm_90, HGMMA is Hopper's warpgroup matrix
 instruction (wgmma); HMMA there is the older per-warp one, a slower path for the same dot
 (Triton falls back to it when a dot's M is under 64 rows per warpgroup, for one).
 Exit status 1 when a compile fails.
@@ -105,12 +106,16 @@ def cuobjdump(compiled, flag):
 
 
 def resource_usage(compiled):
-    """(registers per thread, stack frame bytes per thread, static shared bytes, matrix
-    instructions) of the compiled kernel. Spilled registers go to the stack frame (LDL/STL)."""
+    """(registers per thread, stack frame bytes per thread, static shared bytes, widest global
+    load in bytes, matrix instructions) of the compiled kernel. Spilled registers go to the
+    stack frame (LDL/STL); LDG.E.128 is a 16-byte load, LDGSTS one straight into shared memory."""
     out = cuobjdump(compiled, "--dump-resource-usage")
     fields = dict(item.split(":") for item in out.split("Function", 1)[1].split()[1:] if ":" in item)
-    mma = collections.Counter(re.findall(r"\b(HGMMA|HMMA)\.", cuobjdump(compiled, "--dump-sass")))
-    return int(fields["REG"]), int(fields["STACK"]), int(fields["SHARED"]), "+".join(sorted(mma)) or "-"
+    sass = cuobjdump(compiled, "--dump-sass")
+    widths = [int(bits or 32) // 8 for bits in re.findall(r"\bLDG(?:STS)?\.E[.A-Z]*?(?:\.(\d+))?\s", sass)]
+    mma = collections.Counter(re.findall(r"\b(HGMMA|HMMA)\.", sass))
+    return (int(fields["REG"]), int(fields["STACK"]), int(fields["SHARED"]), max(widths, default=0),
+            "+".join(sorted(mma)) or "-")
 
 
 def configs_of(kernel, first_only):
@@ -137,9 +142,9 @@ def main():
     head_dims = [int(d) for d in args.head_dims.split(",")]
     print(f"triton {triton.__version__}; compiled offline, no GPU needed; shared = dynamic + static bytes\n")
     print("| arch | dtype | kernel | specialisation | blocks | warps | stages | regs | stack B | shared KiB | fits "
-          "| mma |")
+          "| access B | mma |")
     print("|------|-------|--------|----------------|--------|-------|--------|------|---------|------------|------"
-          "|-----|")
+          "|----------|-----|")
     failures = 0
     for arch in (int(a) for a in args.arch.split(",")):
         for dtype_name in args.dtype.split(","):
@@ -161,10 +166,10 @@ def main():
                             failures += 1
                             print(f"{row} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120]} |||", flush=True)
                             continue
-                        regs, stack, static, mma = resource_usage(compiled)
+                        regs, stack, static, access, mma = resource_usage(compiled)
                         shared = compiled.metadata.shared + static
                         fits = "yes" if shared <= SHARED_LIMIT.get(arch, 0) else "no (autotuner skips it)"
-                        print(f"{row} {regs} | {stack} | {shared / 1024:.0f} | {fits} | {mma} |", flush=True)
+                        print(f"{row} {regs} | {stack} | {shared / 1024:.0f} | {fits} | {access} | {mma} |", flush=True)
     if failures:
         print(f"\n{failures} compile(s) failed")
     sys.exit(1 if failures else 0)
