@@ -121,6 +121,33 @@ def _fwd_configs():
 
 
 @triton.jit
+def _load_kv_block(K, V, cols, sk_s, sv_s, SK, HEAD_DIM: tl.constexpr, MASK: tl.constexpr):
+    """The keys and values at positions cols; MASK: the block may pass the end of the keys."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    if MASK:
+        k = tl.load(K + cols[:, None] * sk_s + offs_d[None, :], mask=cols[:, None] < SK, other=0.0)
+        v = tl.load(V + cols[:, None] * sv_s + offs_d[None, :], mask=cols[:, None] < SK, other=0.0)
+    else:
+        k = tl.load(K + cols[:, None] * sk_s + offs_d[None, :])
+        v = tl.load(V + cols[:, None] * sv_s + offs_d[None, :])
+    return k, v
+
+
+@triton.jit
+def _key_blocks(start_m, SK, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(unmasked, hi): the key blocks query rows start_m.. visit are [0, hi), and those before
+    `unmasked` lie wholly inside the keys and (causal) wholly left of the first row, so need
+    no mask. Causal block skipping: blocks wholly above the diagonal are past hi."""
+    unmasked = (SK // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        unmasked = tl.minimum(unmasked, (start_m // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(SK, start_m + BLOCK_M)
+    else:
+        hi = SK
+    return unmasked, hi
+
+
+@triton.jit
 def _attn_fwd_blocks(acc, l_i, m_i, q, K, V, rows, lo, hi, sk_s, sv_s, SK, qk_scale,
                      HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_N: tl.constexpr, MASK: tl.constexpr):
@@ -128,15 +155,9 @@ def _attn_fwd_blocks(acc, l_i, m_i, q, K, V, rows, lo, hi, sk_s, sv_s, SK, qk_sc
     causal diagonal or at the end of the keys, which need masking; the others (most of them
     at long sequences) skip its compares and selects (the Triton tutorial's two stages)."""
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if MASK:
-            k = tl.load(K + cols[:, None] * sk_s + offs_d[None, :], mask=cols[:, None] < SK, other=0.0)
-            v = tl.load(V + cols[:, None] * sv_s + offs_d[None, :], mask=cols[:, None] < SK, other=0.0)
-        else:
-            k = tl.load(K + cols[:, None] * sk_s + offs_d[None, :])
-            v = tl.load(V + cols[:, None] * sv_s + offs_d[None, :])
+        k, v = _load_kv_block(K, V, cols, sk_s, sv_s, SK, HEAD_DIM, MASK)
         # qk_scale = scale * log2(e): scores in base 2 so the exponential is one exp2
         # (the native MUFU instruction); FA2 and the Triton tutorial do the same.
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale   # (BLOCK_M, BLOCK_N)
@@ -177,14 +198,7 @@ def _attn_fwd(Q, K, V, OUT, LSE,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (base-2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)                # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)      # unnormalised output
-    # Key blocks wholly inside the keys, and (causal) wholly left of this program's first
-    # row, need no mask. Causal block skipping: blocks wholly above the diagonal never load.
-    unmasked = (SK // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        unmasked = tl.minimum(unmasked, (start_m // BLOCK_N) * BLOCK_N)
-        hi = tl.minimum(SK, start_m + BLOCK_M)
-    else:
-        hi = SK
+    unmasked, hi = _key_blocks(start_m, SK, CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_blocks(acc, l_i, m_i, q, K, V, rows, 0, unmasked, sk_s, sv_s, SK, qk_scale,
                                      HEAD_DIM, CAUSAL, PRECISION, BLOCK_N, MASK=False)
     acc, l_i, m_i = _attn_fwd_blocks(acc, l_i, m_i, q, K, V, rows, unmasked, hi, sk_s, sv_s, SK, qk_scale,
@@ -299,15 +313,9 @@ def _attn_dq_blocks(dq, q, do, lse2, delta, K, V, rows, lo, hi, sk_s, sv_s, SK, 
                     BLOCK_N: tl.constexpr, MASK: tl.constexpr):
     """dQ summed over key blocks lo, lo + BLOCK_N, ... < hi; MASK as in _attn_fwd_blocks."""
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if MASK:
-            k = tl.load(K + cols[:, None] * sk_s + offs_d[None, :], mask=cols[:, None] < SK, other=0.0)
-            v = tl.load(V + cols[:, None] * sv_s + offs_d[None, :], mask=cols[:, None] < SK, other=0.0)
-        else:
-            k = tl.load(K + cols[:, None] * sk_s + offs_d[None, :])
-            v = tl.load(V + cols[:, None] * sv_s + offs_d[None, :])
+        k, v = _load_kv_block(K, V, cols, sk_s, sv_s, SK, HEAD_DIM, MASK)
         # Recompute P from the saved log-sum-exp instead of storing it.
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse2[:, None])
         if MASK:
@@ -345,12 +353,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     K += b * sk_b + (h // GROUP) * sk_h
     V += b * sv_b + (h // GROUP) * sv_h
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    unmasked = (SK // BLOCK_N) * BLOCK_N                 # the forward's split of the key blocks
-    if CAUSAL:
-        unmasked = tl.minimum(unmasked, (start_m // BLOCK_N) * BLOCK_N)
-        hi = tl.minimum(SK, start_m + BLOCK_M)
-    else:
-        hi = SK
+    unmasked, hi = _key_blocks(start_m, SK, CAUSAL, BLOCK_M, BLOCK_N)
     dq = _attn_dq_blocks(dq, q, do, lse2, delta, K, V, rows, 0, unmasked, sk_s, sv_s, SK, qk_scale,
                          HEAD_DIM, CAUSAL, PRECISION, BLOCK_N, MASK=False)
     dq = _attn_dq_blocks(dq, q, do, lse2, delta, K, V, rows, unmasked, hi, sk_s, sv_s, SK, qk_scale,
