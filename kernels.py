@@ -112,12 +112,15 @@ def attention_with_lse_ref(q, k, v, causal=True, scale=None):
 
 def _fwd_configs():
     # H100/A100 block sizes (BLOCK_M query rows, BLOCK_N keys per step, warps, pipeline
-    # stages), near the Triton fused-attention tutorial's. Compiled offline (no GPU run) for
-    # sm_90, none of them spills registers at head dims 64 and 128; the autotuner times them
-    # on the GPU at hand and skips any that overflow its shared memory. The last, small one
-    # is for fp32 inputs (tests, debugging), where the others overflow it at head dim 128.
+    # stages), near the Triton fused-attention tutorial's. Compiled for sm_90 in bf16
+    # (bench/compile_kernels.py), none spills at head dims 64 and 128 and all but the last
+    # run their dots as wgmma; the autotuner times them on the GPU at hand and skips any
+    # that overflow its shared memory. 128 x 32 is the one wgmma config that fits at head
+    # dim 256; the last, small one is for fp32 inputs (tests, debugging), where the others
+    # overflow shared memory at head dim 128.
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 4), (32, 32, 4, 1)]]
+            for m, n, w, s in [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 4), (128, 32, 8, 2),
+                               (32, 32, 4, 1)]]
 
 
 @triton.jit

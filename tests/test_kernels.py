@@ -116,6 +116,8 @@ ATTN_CASES = [
     (3, 4, 1, 17, 17, 64, False, bf16),
     (1, 4, 2, 17, 130, 64, False, f32),       # a ring-attention block: other queries than keys
     (1, 2, 1, 33, 33, 40, True, f32),         # head dim 40: padded to 64 inside
+    (1, 2, 1, 33, 33, 16, True, f32),         # the smallest and largest head dims
+    (1, 2, 2, 33, 33, 256, False, bf16),
 ]
 
 
