@@ -410,9 +410,9 @@ class _FlashAttention(torch.autograd.Function):
 
 
 # dQ by a second kernel (False) or by atomic adds from the dK/dV kernel (True). The second
-# kernel recomputes Q K^T and dO V^T, the atomics contend on every dQ row and make its sums
-# order-dependent (run to run, not bitwise reproducible). bench/kernels.py --atomic-dq times
-# both. Not yet measured on a GPU: until then the deterministic one.
+# kernel recomputes Q K^T and dO V^T; the atomics contend on every dQ row and make its sums
+# order-dependent (run to run, not bitwise reproducible). bench/kernels.py times both ("ours,
+# atomic dQ"). Not yet measured on a GPU: until then the deterministic one.
 ATOMIC_DQ = False
 
 
