@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call of under ten minutes: the kernel benchmarks for
-# README's tables, the kernel tests on real hardware, and training throughput (MFU).
+# README's tables, the kernel tests on real hardware, and training throughput (MFU), eager
+# and compiled.
 #
 #     bash bench/gpu.sh                 # results in bench/gpu-results/, or in $OUT if set
 #
@@ -32,8 +33,12 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the output
 } >"$out/device.txt" 2>&1
 cat "$out/device.txt"
 
-step attention 270 python3 bench/kernels.py --only attention --seqs 1024,4096,16384
-step rowwise 100 python3 bench/kernels.py --only rowwise
+step attention 230 python3 bench/kernels.py --only attention --seqs 1024,4096,16384
+step rowwise 80 python3 bench/kernels.py --only rowwise
 step tests 150 python3 -m pytest -q -x tests/test_kernels.py
-step mfu-125m 60 python3 bench/mfu.py --config configs/llama-125m.toml --steps 10 --warmup 3 \
+step mfu-125m 45 python3 bench/mfu.py --config configs/llama-125m.toml --steps 10 --warmup 3 \
     --set data.grad_accum=1 --set train.compile=false
+# The same under torch.compile (the config's default): does it trace through the Triton
+# kernels' autograd.Functions, and what does it gain?
+step mfu-125m-compiled 75 python3 bench/mfu.py --config configs/llama-125m.toml --steps 10 --warmup 3 \
+    --set data.grad_accum=1
