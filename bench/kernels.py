@@ -14,8 +14,8 @@ the FlashAttention-2 paper's setting), S from 512 to 16k, head dim 64 and 128, c
                       "without atomics, or with if faster: measure")
 TFLOP/s counts 4 * B * H * S^2 * D per forward (halved when causal) and 2.5x that for the
 backward, so forward+backward is 3.5x; "peak" is the memory allocated above the inputs.
-"err" is ours against sdpa (max |difference| of the outputs), a check of the compiled bf16
-path on top of the tests (which run it under the interpreter).
+"err" is ours against sdpa: max |difference| of the outputs on the fwd row, of dQ, dK and dV
+on the fwd+bwd rows; a check of the compiled bf16 path at full size on top of the tests.
 
 Row-wise ops (RMSNorm, SwiGLU, cross-entropy): GB/s = the bytes that must move (each input
 read once, each output written once) / time, for ours, eager (the torch reference) and
@@ -97,6 +97,22 @@ def pinned_sdpa(q, k, v, causal):
     return (lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal)), "default"
 
 
+def attention_errors(q, k, v, dout, causal, sdpa):
+    """{(impl, pass): max |ours - sdpa|} over the output (fwd) or over dQ, dK, dV (fwd+bwd)."""
+    def outputs(f, atomic_dq=False):
+        kernels.ATOMIC_DQ = atomic_dq
+        out = f(q, k, v, causal)
+        return [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
+    want = outputs(sdpa)
+    errs = {}
+    for name, atomic_dq in (("ours", False), ("ours, atomic dQ", True)):
+        got = outputs(kernels.attention, atomic_dq)
+        errs[name, "fwd"] = (got[0] - want[0]).abs().max().item()
+        errs[name, "fwd+bwd"] = max((g - w).abs().max().item() for g, w in zip(got[1:], want[1:]))
+    kernels.ATOMIC_DQ = False
+    return errs
+
+
 def attention_table(seqs, head_dims, dtype, tokens, hidden):
     """Prints the table a row at a time (a run cut short by a time limit keeps what it measured)."""
     print("| D   | mask   | S     | BxH   | pass    | impl                     | ms       | TFLOP/s | peak GiB "
@@ -112,8 +128,7 @@ def attention_table(seqs, head_dims, dtype, tokens, hidden):
                 sdpa, sdpa_name = pinned_sdpa(q, k, v, causal)
                 impls = {"ours": kernels.attention, "ours, atomic dQ": kernels.attention,
                          f"sdpa ({sdpa_name})": sdpa, "eager": eager_attention}
-                with torch.no_grad():
-                    err = (kernels.attention(q, k, v, causal=causal) - sdpa(q, k, v, causal)).abs().max().item()
+                errs = attention_errors(q, k, v, dout, causal, sdpa)
                 for name, f in impls.items():
                     for mode, flops, grad in (("fwd", fwd_flops, None), ("fwd+bwd", 3.5 * fwd_flops, dout)):
                         if name == "ours, atomic dQ" and mode == "fwd":
@@ -125,7 +140,7 @@ def attention_table(seqs, head_dims, dtype, tokens, hidden):
                         except torch.cuda.OutOfMemoryError:
                             cells = "     OOM |       - |        -"
                         torch.cuda.empty_cache()
-                        err_cell = f"{err:.2e}" if name == "ours" else ""
+                        err_cell = f"{errs[name, mode]:.2e}" if (name, mode) in errs else ""
                         print(f"| {D:3d} | {'causal' if causal else 'full':6s} | {S:5d} | {B:2d}x{H:2d} | "
                               f"{mode:7s} | {name:24s} | {cells} | {err_cell:8s} |", flush=True)
                 del q, k, v, dout
