@@ -141,9 +141,9 @@ def test_atomic_dq_survives_a_row_of_very_negative_scores(monkeypatch, causal):
     the key block cut by the end of the keys must be masked throughout."""
     monkeypatch.setattr(kernels, "ATOMIC_DQ", True)
     torch.manual_seed(0)
-    q = (3 + 0.1 * torch.randn(1, 2, 70, 64)).requires_grad_()
-    k = (-3 + 0.1 * torch.randn(1, 1, 70, 64)).requires_grad_()
-    v = torch.randn(1, 1, 70, 64).requires_grad_()
+    q = (3 + 0.1 * torch.randn(1, 2, 70, 64, device=DEVICE)).requires_grad_()
+    k = (-3 + 0.1 * torch.randn(1, 1, 70, 64, device=DEVICE)).requires_grad_()
+    v = torch.randn(1, 1, 70, 64, device=DEVICE).requires_grad_()
     out = kernels.attention(q, k, v, causal=causal, scale=1.0)
     d_out = torch.randn_like(out)
     got = grads(out, (q, k, v), d_out)
@@ -356,7 +356,8 @@ def test_linear_cross_entropy_matches_reference(n, d, vocab, chunk, dtype, z_los
     want = kernels.linear_cross_entropy_ref(h64, w64, targets, z_loss=z_loss)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == f32 else dict(atol=2e-2, rtol=2e-2)   # bf16 logits
     torch.testing.assert_close(loss.double(), want.double(), **tol)
-    for name, g, wg in zip(("dh", "dw"), got, grads(want, (h64, w64), torch.tensor(0.5, dtype=torch.float64))):
+    want_grads = grads(want, (h64, w64), torch.tensor(0.5, dtype=torch.float64, device=DEVICE))
+    for name, g, wg in zip(("dh", "dw"), got, want_grads):
         assert g.dtype == dtype
         assert_close(g, wg, dtype, name)
     with torch.no_grad():   # no gradient wanted: the loss alone, same value
@@ -394,7 +395,12 @@ def test_backend_switch_picks_the_path():
     kernels.set_backend("auto")
     assert not kernels.use_triton(x)        # auto: the reference for CPU tensors
     kernels.set_backend("triton")
-    assert kernels.use_triton(x) == (x.is_cuda or kernels.INTERPRET)
+    if kernels.INTERPRET:
+        assert kernels.use_triton(x)
+    else:                                   # a GPU machine: CPU tensors cannot take the Triton path
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            kernels.use_triton(x)
+        assert kernels.use_triton(x.cuda())
 
 
 def test_tiny_model_trains_to_the_same_loss_with_kernels_on_and_off(monkeypatch):
