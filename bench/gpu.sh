@@ -35,7 +35,7 @@ cat "$out/device.txt"
 
 step attention 230 python3 bench/kernels.py --only attention --seqs 1024,4096,16384
 step rowwise 80 python3 bench/kernels.py --only rowwise
-step tests 150 python3 -m pytest -q -x tests/test_kernels.py
+step tests 150 python3 -m pytest -q tests/test_kernels.py
 step mfu-125m 45 python3 bench/mfu.py --config configs/llama-125m.toml --steps 10 --warmup 3 \
     --set data.grad_accum=1 --set train.compile=false
 # The same under torch.compile (the config's default): does it trace through the Triton
