@@ -13,9 +13,10 @@ kernel replaced by a recorder of its launches, then compiles each recorded launc
 target with each of the kernel's autotune configs, as the autotuner would on that GPU.
 Registers and spills decide occupancy and speed there, so they are what to read before tuning.
 The last two columns read the machine code. "access": the widest global load in bytes per
-thread (16 is the full vector width that memory-bound kernels want). "mma": on sm_90, HGMMA is Hopper's warpgroup matrix
-instruction (wgmma); HMMA there is the older per-warp one, a slower path for the same dot
-(Triton falls back to it when a dot's M is under 64 rows per warpgroup, for one).
+thread (16 is the full vector width that memory-bound kernels want). "mma": on sm_90, HGMMA
+is Hopper's warpgroup matrix instruction (wgmma); HMMA there is the older per-warp one, a
+slower path for the same dot (Triton falls back to it when a dot's M is under 64 rows per
+warpgroup, for one).
 Exit status 1 when a compile fails.
 """
 import argparse
@@ -125,8 +126,8 @@ def configs_of(kernel, first_only):
     return kernel.configs[:1] if first_only else kernel.configs
 
 
-def describe(launch_kwargs, config):
-    meta = dict(launch_kwargs, **(config.all_kwargs() if config else {}))
+def describe(meta):
+    """(blocks, warps, stages, the other constexprs) of one launch's keyword arguments."""
     blocks = "x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK") if k in meta)
     fixed = ",".join(f"{k}={meta[k]}" for k in ("HEAD_DIM", "CAUSAL", "ATOMIC_DQ", "BLOCK_V") if k in meta)
     return blocks, meta.get("num_warps", 4), meta.get("num_stages", 3), fixed
@@ -153,7 +154,7 @@ def main():
                 for launch_args, launch_kwargs in launches:
                     for config in configs_of(kernel, args.first_config):
                         kwargs = dict(launch_kwargs, **(config.all_kwargs() if config else {}))
-                        blocks, warps, stages, fixed = describe(launch_kwargs, config)
+                        blocks, warps, stages, fixed = describe(kwargs)
                         dtypes = tuple(str(getattr(a, "dtype", "")) for a in launch_args)
                         key = (name, blocks, warps, stages, fixed, dtypes)
                         if key in seen:
