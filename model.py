@@ -170,14 +170,18 @@ class Transformer(nn.Module):
 
     def rope(self, pos):
         """cos, sin tables for positions pos (S,) — a plain arange unless the sequence is
-        split into chunks (context parallel) or continues a cache (generation)."""
-        if pos.numel() and int(pos.max()) >= self.cfg.max_seq_len:
-            raise ValueError(f"position {int(pos.max())} is beyond model.max_seq_len={self.cfg.max_seq_len}")
+        split into chunks (context parallel) or continues a cache (generation). Positions
+        are not range-checked here: reading pos.max() would synchronise with the GPU on
+        every step and break torch.compile's graph. Callers check lengths instead
+        (forward below, and train.py's config check of data.seq_len)."""
         return self.rope_cos[pos], self.rope_sin[pos]
 
     def forward(self, input_ids, targets=None, pos=None, ignore_index=-100):
         """input_ids (B, S) -> logits (B, S, vocab), or the mean loss when targets are given."""
         if pos is None:
+            if input_ids.shape[1] > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {input_ids.shape[1]} tokens is longer than "
+                                 f"model.max_seq_len={self.cfg.max_seq_len}")
             pos = torch.arange(input_ids.shape[1], device=input_ids.device)
         cos, sin = self.rope(pos)
         h = self.embed(input_ids)                                          # (B, S, d_model)

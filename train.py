@@ -163,7 +163,11 @@ def config_from_dict(d, where="config"):
             built[name] = cls(**kwargs)
         except ValueError as e:  # ModelConfig's own checks
             raise ConfigError(f"{where}: {e}") from None
-    return Config(**built)
+    cfg = Config(**built)
+    if cfg.data.seq_len > cfg.model.max_seq_len:  # the RoPE tables hold max_seq_len positions
+        raise ConfigError(f"{where}: data.seq_len = {cfg.data.seq_len} is longer than model.max_seq_len = "
+                          f"{cfg.model.max_seq_len}")
+    return cfg
 
 
 def apply_override(d, assignment):

@@ -403,6 +403,69 @@ def test_backend_switch_picks_the_path():
         assert kernels.use_triton(x.cuda())
 
 
+# torch.compile must see the kernels as Triton kernels inside one graph: a graph break (a
+# host sync such as .item(), an autotune argument dynamo refuses) costs speed on a GPU
+# without failing anything. Dynamo only looks for Triton kernels when a GPU is present and
+# the interpreter is off, so on a CPU a fresh process traces the model with both switches
+# forced; a backend that keeps the graph stops before anything runs.
+CAPTURE_MODEL_GRAPH = """
+import torch, torch.utils._triton
+import kernels, model
+torch.utils._triton.has_triton = lambda: True
+kernels.use_triton = lambda x: True
+class Captured(Exception):
+    pass
+graphs = []
+def keep_graph(gm, example_inputs):
+    graphs.append(gm)
+    def run(*args):
+        raise Captured
+    return run
+cfg = model.ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+x = torch.randint(0, 128, (2, 33))
+try:
+    torch.compile(model.Transformer(cfg), backend=keep_graph, fullgraph=True)(x, x)
+except Captured:
+    pass
+for name, body in graphs[0].named_children():
+    print(name, "triton_kernel_wrapper_mutation" in str(body.code))
+"""
+
+
+def test_model_compiles_to_one_graph_with_the_triton_kernels():
+    """fullgraph=True fails on any graph break; every op's forward body must hold a Triton
+    kernel call (not the reference, not an inlined interpreter), and so must every backward
+    but the fused LM head's, whose gradients the forward already computed."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU test_compiled_model_matches_eager compiles for real")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", CAPTURE_MODEL_GRAPH], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    bodies = dict(line.split() for line in run.stdout.splitlines())
+    # 2 layers x (2 RMSNorms, attention, SwiGLU) + final RMSNorm + fused LM head and loss
+    assert sorted(bodies) == sorted(f"{kind}_body_{i}" for kind in ("fwd", "bwd") for i in range(10))
+    assert all(bodies[f"fwd_body_{i}"] == "True" for i in range(10)), bodies
+    assert sum(bodies[f"bwd_body_{i}"] == "True" for i in range(10)) == 9, bodies
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor compiles Triton kernels for a GPU")
+def test_compiled_model_matches_eager():
+    """torch.compile (inductor) around the Triton kernels gives eager's loss and gradients."""
+    cfg = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(DEVICE)
+    x = torch.randint(0, 128, (2, 33), device=DEVICE)
+    results = []
+    for fn in (model, torch.compile(model, fullgraph=True)):
+        model.zero_grad()
+        loss = fn(x, torch.roll(x, -1, 1))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=1e-4)
+
+
 def test_tiny_model_trains_to_the_same_loss_with_kernels_on_and_off(monkeypatch):
     """Six AdamW steps of a 2-layer GQA model, once on the references and once on the
     Triton kernels (fused linear cross-entropy included): the same losses step by step."""

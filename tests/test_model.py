@@ -126,6 +126,13 @@ def test_bad_config_is_named():
         ModelConfig(n_heads=6, n_kv_heads=4, d_model=96)
 
 
+def test_sequence_longer_than_the_rope_tables_is_refused():
+    model = Transformer(ModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, max_seq_len=8))
+    model(torch.zeros(1, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="sequence of 9 tokens is longer than model.max_seq_len=8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
 # ----------------------------------------------------------------------------------------
 # Hugging Face parity (transformers is a test-only dependency)
 

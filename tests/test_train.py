@@ -43,6 +43,8 @@ def test_config_loads_sections_and_overrides(tmp_path):
     ("", ["optim.lr"], r"expected section.key=value"),
     ("[model]\nn_heads = 6\nn_kv_heads = 4\nd_model = 96\n", [], r"model.n_heads=6 must be a multiple of"),
     ("[model\n", [], r"invalid TOML"),
+    ("[model]\nmax_seq_len = 128\n[data]\nseq_len = 256\n", [],
+     r"data.seq_len = 256 is longer than model.max_seq_len = 128"),
 ])
 def test_bad_config_is_named(tmp_path, text, override, message):
     with pytest.raises(train.ConfigError, match=message):
