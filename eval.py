@@ -493,8 +493,9 @@ def load_tokenizer(path):
 def whole_model(model_cfg, weights, device="cpu"):
     """A plain model.py Transformer from consolidated weights (parallel.full_tensors, a
     checkpoint), so evaluation runs the same way under any parallel layout."""
-    with torch.device(device):
+    with torch.device("meta"):  # no initialisation: every weight is copied in below
         model = Transformer(model_cfg)
+    model.to_empty(device=device)
     params = dict(model.named_parameters())  # a tied head is listed once, as embed.weight
     if set(params) != set(weights):
         raise ValueError(f"weights do not match the model: {sorted(set(params) ^ set(weights))[:5]}")

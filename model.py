@@ -139,6 +139,19 @@ class Block(nn.Module):
 # ----------------------------------------------------------------------------------------
 # The decoder
 
+@torch.no_grad()
+def init_parameter(name, p, cfg, generator=None):
+    """Normal(0, 0.02) everywhere (GPT-2, Llama); the projections that write into the
+    residual stream get std / sqrt(2 * n_layers) so its variance stays O(1) with depth
+    (GPT-2 paper, section 2.3). Norm weights start at 1."""
+    if p.dim() == 1:
+        return nn.init.ones_(p)
+    std = cfg.init_std
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        std /= math.sqrt(2 * cfg.n_layers)
+    return nn.init.normal_(p, 0.0, std, generator=generator)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -154,19 +167,21 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
 
+    def to_empty(self, *, device, recurse=True):
+        """nn.Module.to_empty for a model built on the meta device (train.build_model): also
+        ties the head again (to_empty gives each module its own tensor) and refills the RoPE
+        tables, which are computed, never loaded. Pipeline stages may lack embed or head."""
+        super().to_empty(device=device, recurse=recurse)
+        if self.cfg.tie_embeddings and self.embed is not None and self.lm_head is not None:
+            self.lm_head.weight = self.embed.weight
+        self.rope_cos, self.rope_sin = (t.to(device) for t in rope_tables(self.cfg.head_dim, self.cfg.max_seq_len,
+                                                                          self.cfg.rope_theta))
+        return self
+
     @torch.no_grad()
     def init_weights(self):
-        """Normal(0, 0.02) everywhere (GPT-2, Llama); the projections that write into the
-        residual stream get std / sqrt(2 * n_layers) so its variance stays O(1) with depth
-        (GPT-2 paper, section 2.3). Norm weights start at 1."""
-        std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
-            else:
-                nn.init.normal_(p, 0.0, std)
+            init_parameter(name, p, self.cfg)
 
     def rope(self, pos):
         """cos, sin tables for positions pos (S,) — a plain arange unless the sequence is

@@ -569,7 +569,8 @@ def apply_recompute(model):
 
 
 def parallelize(model, grid, p):
-    """Apply the layout to a full model built identically (same seed) on every rank."""
+    """Cut a whole model (on the meta device in train.build_model, or with real weights built
+    identically on every rank) down to this rank's part of the layout."""
     grid.tied_head = model.lm_head.weight is model.embed.weight
     if grid.tp > 1:
         apply_tensor_parallel(model, grid)

@@ -27,7 +27,7 @@ import data
 import eval as evaluation
 import kernels
 import parallel
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, init_parameter
 
 
 # ----------------------------------------------------------------------------------------
@@ -376,9 +376,11 @@ def load_checkpoint(path, device="cpu"):
     start from."""
     verify_checkpoint(path)
     cfg = load_config(os.path.join(path, "config.toml"))
-    model = Transformer(cfg.model)
+    with torch.device("meta"):  # no memory, no initialisation: the weights come next
+        model = Transformer(cfg.model)
+    model.to_empty(device=device)
     load_weights(model, path)
-    return cfg, model.to(device)
+    return cfg, model
 
 
 # ----------------------------------------------------------------------------------------
@@ -573,13 +575,33 @@ def setup_device(cfg, local_rank):
     return device, autocast
 
 
+def build_model(cfg, grid, device):
+    """This rank's part of the model, with the weights the whole model would start from.
+    The model is built on the meta device (no memory) and cut to this rank's part; then
+    every parameter of the whole model is drawn in turn, whole, from one generator seeded
+    with data.seed, and this rank keeps its slice. So every layout starts from the same
+    weights as one process, and a rank holds one full tensor at a time, never the whole
+    model (an 8B model in fp32 would be 32 GB on every rank)."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    whole = [(name, p.shape) for name, p in model.named_parameters()]  # before parallelize cuts it
+    parallel.parallelize(model, grid, cfg.parallel)
+    model.to_empty(device=device)
+    mine = {parallel.canonical(name, grid): p for name, p in model.named_parameters()}
+    generator = torch.Generator(device).manual_seed(cfg.data.seed)
+    with torch.no_grad():
+        for name, shape in whole:
+            full = init_parameter(name, torch.empty(shape, device=device), cfg.model, generator)
+            if name in mine:
+                mine[name].copy_(parallel.local_slice(name, full, grid))
+    return model
+
+
 def build(cfg, grid, device):
     """The model for this rank's part of the grid, its data parallelism and its optimizer:
     (model, dp, [(name, tensor) the optimizer updates], optimizer)."""
-    torch.manual_seed(cfg.data.seed)  # the same full model on every rank; parallelize keeps each rank's part
-    model = Transformer(cfg.model)
-    parallel.parallelize(model, grid, cfg.parallel)
-    model.to(device)
+    torch.manual_seed(cfg.data.seed)  # the global generator too: checkpoints save and resume its state
+    model = build_model(cfg, grid, device)
     dp = parallel.DataParallel(model, grid, zero=cfg.parallel.zero == 1)
     named = dp.optimizer_params(model)
     if cfg.train.compile:

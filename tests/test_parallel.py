@@ -39,9 +39,7 @@ def run_steps(cfg, grid=None):
     """Build, parallelize and train STEPS steps as train.py does; return the first step's loss
     and full gradients, every step's loss and the final full parameters (on rank 0)."""
     grid = grid or parallel.make_grid(cfg.parallel, cfg.model, cfg.data)
-    torch.manual_seed(0)
-    model = Transformer(cfg.model)
-    parallel.parallelize(model, grid, cfg.parallel)
+    model = train.build_model(cfg, grid, torch.device("cpu"))  # the whole model's weights, this rank's part
     dp = parallel.DataParallel(model, grid, zero=cfg.parallel.zero == 1, bucket_mb=0.004)
     named = dp.optimizer_params(model)
     opt = train.build_optimizer(named, cfg.optim, torch.device("cpu"))

@@ -95,6 +95,27 @@ def test_no_weight_decay_on_norms_and_embeddings(tiny_config):
     assert not any("norm" in n for n in decayed)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_build_model_draws_the_whole_models_weights(tiny_config, tied):
+    """One process: build_model (meta device, then one tensor at a time) gives each parameter
+    init_parameter's draw in the whole model's order, keeps a tied head tied, and rebuilds the
+    RoPE tables that the meta device left empty. (Other layouts: tests/test_parallel.py.)"""
+    import parallel
+    from model import Transformer, init_parameter
+    cfg = tiny_config(model=dict(tie_embeddings=tied))
+    got = train.build_model(cfg, parallel.Grid(), torch.device("cpu"))
+    want = Transformer(cfg.model)
+    generator = torch.Generator().manual_seed(cfg.data.seed)
+    for name, p in want.named_parameters():
+        init_parameter(name, p, cfg.model, generator)
+    assert (got.lm_head.weight is got.embed.weight) == tied
+    assert got.state_dict().keys() == want.state_dict().keys()
+    for name, t in want.state_dict().items():
+        assert torch.equal(got.state_dict()[name], t), name
+    for name, t in want.named_buffers():
+        assert torch.equal(dict(got.named_buffers())[name], t), name
+
+
 # ----------------------------------------------------------------------------------------
 # Training, checkpoints, resume
 
