@@ -735,28 +735,30 @@ def _ce_grad(logits, targets, lse, scale, ignore_index, z_loss, out):
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, z_loss):
+    def forward(ctx, logits, targets, ignore_index, z_loss, inplace_backward):
         logits, targets = _rows(logits), targets.contiguous()
         loss, lse = _ce_rows(logits, targets, ignore_index, z_loss)
         n_kept = (targets != ignore_index).sum()
         ctx.save_for_backward(logits, targets, lse, n_kept)
-        ctx.ignore_index, ctx.z_loss = ignore_index, z_loss
+        ctx.ignore_index, ctx.z_loss, ctx.inplace_backward = ignore_index, z_loss, inplace_backward
         return loss.sum() / n_kept                     # 0/0 = nan when every target is ignored, like torch
 
     @staticmethod
     def backward(ctx, grad):
         logits, targets, lse, n_kept = ctx.saved_tensors
-        # A fresh gradient tensor: the caller may still hold these logits.
-        dlogits = _ce_grad(logits, targets, lse, grad.float() / n_kept, ctx.ignore_index, ctx.z_loss,
-                           out=torch.empty_like(logits))
-        return dlogits, None, None, None
+        out = logits if ctx.inplace_backward else torch.empty_like(logits)
+        dlogits = _ce_grad(logits, targets, lse, grad.float() / n_kept, ctx.ignore_index, ctx.z_loss, out=out)
+        return dlogits, None, None, None, None
 
 
-def cross_entropy(logits, targets, ignore_index=-100, z_loss=0.0):
-    """logits (N, V), targets (N,) -> mean loss over targets != ignore_index (+ z-loss)."""
+def cross_entropy(logits, targets, ignore_index=-100, z_loss=0.0, inplace_backward=False):
+    """logits (N, V), targets (N,) -> mean loss over targets != ignore_index (+ z-loss).
+    inplace_backward: the backward writes the gradient over the logits instead of into a new
+    (N, V) tensor (flash-attn's switch of that name), for callers that no longer need the
+    logits after the loss; at a large vocabulary that tensor is the biggest of the step."""
     if not use_triton(logits):
         return cross_entropy_ref(logits, targets, ignore_index, z_loss)
-    return _CrossEntropy.apply(logits, targets, ignore_index, z_loss)
+    return _CrossEntropy.apply(logits, targets, ignore_index, z_loss, inplace_backward)
 
 
 # ----------------------------------------------------------------------------------------

@@ -339,6 +339,21 @@ def test_cross_entropy_matches_reference(n, vocab, dtype, z_loss, ignore_index):
     assert_close(d_logits, want_grad, dtype, "dlogits")
 
 
+def test_cross_entropy_can_write_its_gradient_over_the_logits():
+    """inplace_backward=True: the gradient lands in the logits' own storage (no second (N, V)
+    tensor) and equals the out-of-place one."""
+    torch.manual_seed(0)
+    logits, = leaves((51, 300), scale=3.0)
+    targets = targets_with_ignored(51, 300, -100)
+    one = torch.tensor(1.0, device=DEVICE)
+    want, = grads(kernels.cross_entropy(logits, targets, z_loss=1e-2), (logits,), one)
+    scratch = logits.detach().clone().requires_grad_()
+    inner = scratch * 1.0                  # a non-leaf, as a head's output is
+    got, = grads(kernels.cross_entropy(inner, targets, z_loss=1e-2, inplace_backward=True), (inner,), one)
+    assert got.data_ptr() == inner.data_ptr()
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("n, d, vocab, chunk, dtype, z_loss", [
     (51, 32, 300, 16, f32, 1e-2),   # 4 chunks, the last one partial
     (51, 32, 300, None, f32, 0.0),  # the default chunk size
