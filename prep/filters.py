@@ -269,6 +269,23 @@ def c4(doc, terminal_punctuation=True, min_sentences=C4_MIN_SENTENCES, min_line_
     return None
 
 
+@functools.lru_cache(maxsize=4)
+def bad_words_pattern(path):
+    """One regex for a bad-words file: any entry (a word or a phrase) between non-word
+    characters or the ends of the text, as tfds c4_utils and datatrove's C4BadWordsFilter
+    match it on the lowercased page."""
+    words = sorted(load_blocklist(path), key=len, reverse=True)
+    return re.compile(r"(?:\W|^)(" + "|".join(map(re.escape, words)) + r")(?:\W|$)")
+
+
+def c4_bad_words(doc, words):
+    """C4's page removal: the page contains an entry of a bad-words list (Raffel et al. 2020,
+    sec. 2.2 used the "List of Dirty, Naughty, Obscene or Otherwise Bad Words"). words: a
+    file with one lowercase entry per line, for the documents' language; this repository
+    ships none, as it downloads nothing."""
+    return "bad_word" if bad_words_pattern(words).search(doc["text"].lower()) else None
+
+
 # --- FineWeb's own filters (Penedo et al. 2024, sec. 3.3 and appendix: datatrove defaults) -
 
 FINEWEB_MIN_PUNCT_LINES = 0.12   # remove if fewer lines than this end in terminal punctuation

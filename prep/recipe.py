@@ -20,6 +20,7 @@ DOC_STEPS = {
     "gopher_repetition": filters.gopher_repetition,
     "gopher_quality": filters.gopher_quality,
     "c4": filters.c4,
+    "c4_bad_words": filters.c4_bad_words,
     "fineweb": filters.fineweb,
     "code": filters.code,
     "classifier": quality.classifier,

@@ -237,6 +237,15 @@ def test_code_filter_thresholds():
 
 # --- URL, language, PII, tags --------------------------------------------------------------
 
+def test_c4_bad_words_matches_whole_words_and_phrases(tmp_path):
+    words = tmp_path / "words.txt"
+    words.write_text("# a test list\nbadword\nvery bad phrase\nc++\n")
+    for text in ("A BadWord here.", "badword", "(badword)", "it is a very bad phrase.", "I like c++ a lot"):
+        assert F.c4_bad_words(doc(text), words=str(words)) == "bad_word", text
+    for text in ("badwords are plurals", "notbadword", "a very bad phrasebook", "a test list", "c+ and ++"):
+        assert F.c4_bad_words(doc(text), words=str(words)) is None, text
+
+
 def test_url_filter_blocklist_and_banned_words(tmp_path):
     (tmp_path / "block.txt").write_text("# adult\nbad.com\n")
     bl = str(tmp_path / "block.txt")
