@@ -418,6 +418,37 @@ def test_backend_switch_picks_the_path():
         assert kernels.use_triton(x.cuda())
 
 
+@pytest.mark.skipif(not BF16_DOT, reason="this Triton's interpreter cannot be taught bf16 tl.dot")
+def test_bf16_autocast_model_gradients_are_as_close_to_fp32_as_the_references():
+    """The training path on a GPU: bf16 autocast around the model, so the kernels see bf16
+    q/k/v and SwiGLU inputs, fp32 residuals into RMSNorm, and the fused LM head runs its
+    chunks' matmuls under autocast. Loss and every gradient are compared with the fp32
+    run; the Triton path may be off by bf16 rounding, as the reference path is, but not by
+    more than 2.5x as much (the interpreter truncates fp32 -> bf16 where a GPU rounds to
+    nearest, which alone about doubles the error)."""
+    cfg = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    torch.manual_seed(0)
+    x = torch.randint(0, 128, (2, 33), device=DEVICE)
+    y = torch.roll(x, -1, 1)
+    y[0, :5] = -100
+    runs = {}
+    for name, backend, bf16_autocast in (("fp32", "torch", False), ("reference", "torch", True),
+                                         ("triton", "triton", True)):
+        kernels.set_backend(backend)
+        torch.manual_seed(0)
+        model = Transformer(cfg).to(DEVICE)
+        with torch.autocast(torch.device(DEVICE).type, dtype=bf16, enabled=bf16_autocast):
+            loss = model(x, y)
+        loss.backward()
+        runs[name] = loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    exact_loss, exact = runs["fp32"]
+    assert abs(runs["triton"][0] - exact_loss) < 1e-3
+    for n, g in exact.items():
+        ref_err = ((runs["reference"][1][n] - g).norm() / g.norm()).item()
+        err = ((runs["triton"][1][n] - g).norm() / g.norm()).item()
+        assert err < 2.5 * ref_err + 1e-3, f"{n}: relative error {err:.4f}, the references' {ref_err:.4f}"
+
+
 # torch.compile must see the kernels as Triton kernels inside one graph: a graph break (a
 # host sync such as .item(), an autotune argument dynamo refuses) costs speed on a GPU
 # without failing anything. Dynamo only looks for Triton kernels when a GPU is present and
