@@ -8,7 +8,7 @@ autograd.Function that launches them, and a dispatcher that model.py calls:
     attention_block_backward(...)               one K/V block's gradients given the rows' lse (ring)
     rms_norm(x, weight, eps)                    RMSNorm, one read of x per pass, fp32 statistics
     swiglu(gate, up)                            silu(gate) * up, recomputed in backward
-    cross_entropy(logits, targets, ...)         mean loss, never an fp32 copy of the logits
+    cross_entropy(logits, targets, ...)         mean loss, no fp32 copy of the logits; optionally an in-place gradient
     linear_cross_entropy(h, weight, targets)    LM head + loss in row chunks (Liger's FLCE)
 
 The dispatcher picks:
