@@ -275,6 +275,8 @@ def bad_words_pattern(path):
     characters or the ends of the text, as tfds c4_utils and datatrove's C4BadWordsFilter
     match it on the lowercased page."""
     words = sorted(load_blocklist(path), key=len, reverse=True)
+    if not words:  # an empty alternation would match every page
+        raise ValueError(f"{path}: the bad-words file has no entries")
     return re.compile(r"(?:\W|^)(" + "|".join(map(re.escape, words)) + r")(?:\W|$)")
 
 

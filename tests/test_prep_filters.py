@@ -244,6 +244,10 @@ def test_c4_bad_words_matches_whole_words_and_phrases(tmp_path):
         assert F.c4_bad_words(doc(text), words=str(words)) == "bad_word", text
     for text in ("badwords are plurals", "notbadword", "a very bad phrasebook", "a test list", "c+ and ++"):
         assert F.c4_bad_words(doc(text), words=str(words)) is None, text
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="empty.txt: the bad-words file has no entries"):
+        F.c4_bad_words(doc("any page"), words=str(empty))
 
 
 def test_url_filter_blocklist_and_banned_words(tmp_path):
