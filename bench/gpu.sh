@@ -38,7 +38,8 @@ step rowwise 80 python3 bench/kernels.py --only rowwise
 step tests 150 python3 -m pytest -q tests/test_kernels.py
 step mfu-125m 45 python3 bench/mfu.py --config configs/llama-125m.toml --steps 10 --warmup 3 \
     --set data.grad_accum=1 --set train.compile=false
-# The same under torch.compile (the config's default): does it trace through the Triton
-# kernels' autograd.Functions, and what does it gain?
+# The same under torch.compile (the config's default). Dynamo traces the Triton kernels'
+# autograd.Functions into one graph (tests/test_kernels.py checks that on a CPU); this
+# measures what inductor gains around them.
 step mfu-125m-compiled 75 python3 bench/mfu.py --config configs/llama-125m.toml --steps 10 --warmup 3 \
     --set data.grad_accum=1
