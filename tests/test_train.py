@@ -109,11 +109,12 @@ def test_build_model_draws_the_whole_models_weights(tiny_config, tied):
     for name, p in want.named_parameters():
         init_parameter(name, p, cfg.model, generator)
     assert (got.lm_head.weight is got.embed.weight) == tied
-    assert got.state_dict().keys() == want.state_dict().keys()
+    got_state, got_buffers = got.state_dict(), dict(got.named_buffers())
+    assert got_state.keys() == want.state_dict().keys()
     for name, t in want.state_dict().items():
-        assert torch.equal(got.state_dict()[name], t), name
+        assert torch.equal(got_state[name], t), name
     for name, t in want.named_buffers():
-        assert torch.equal(dict(got.named_buffers())[name], t), name
+        assert torch.equal(got_buffers[name], t), name
 
 
 # ----------------------------------------------------------------------------------------
