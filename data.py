@@ -12,6 +12,7 @@ windows it would have read.
 import glob
 import json
 import os
+import re
 
 import numpy as np
 import torch
@@ -27,20 +28,47 @@ def find_shards(pattern, key="data.train"):
     return paths
 
 
-def open_shard(path):
-    """Memory-map a shard after checking it against its sidecar."""
+def read_sidecar(path):
+    """The JSON sidecar of shard path (NAME.bin -> NAME.json)."""
     sidecar = path[:-len(".bin")] + ".json"
     try:
         with open(sidecar) as f:
             meta = json.load(f)
-        dtype, n = np.dtype(meta["dtype"]), int(meta["tokens"])
+        meta["dtype"], meta["tokens"] = np.dtype(meta["dtype"]), int(meta["tokens"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{sidecar}: unreadable shard sidecar ({type(e).__name__}: {e})") from None
+    return meta
+
+
+def open_shard(path):
+    """Memory-map a shard after checking it against its sidecar."""
+    meta = read_sidecar(path)
+    dtype, n = meta["dtype"], meta["tokens"]
     size = os.path.getsize(path)
     if size != n * dtype.itemsize:
-        raise ValueError(f"{path}: {size} bytes on disk, but {sidecar} says {n} {dtype.name} tokens "
+        raise ValueError(f"{path}: {size} bytes on disk, but its sidecar says {n} {dtype.name} tokens "
                          f"({n * dtype.itemsize} bytes): truncated or corrupt shard")
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+
+
+def check_shards(patterns, vocab_size):
+    """Stop before training unless every shard of patterns ({config key: glob}) comes from one
+    tokenizer whose ids the model has rows for: an id past model.vocab_size reads out of
+    bounds in the Triton loss and, under tensor parallelism, silently embeds as zeros."""
+    first = None
+    for key, pattern in patterns.items():
+        for path in find_shards(pattern, key):
+            meta = read_sidecar(path)
+            ident = {k: meta.get(k) for k in ("tokenizer_sha256", "vocab_size", "bos_id")}
+            first = first or (path, ident)
+            differs = [k for k in ident if ident[k] != first[1][k]]
+            if differs:
+                k = differs[0]
+                raise ValueError(f"{key}: {path} was made with {k} = {ident[k]!r}, but {first[0]} with "
+                                 f"{first[1][k]!r}: shards of different tokenizers")
+    if (first[1]["vocab_size"] or 0) > vocab_size:
+        raise ValueError(f"{first[0]}: its tokenizer has vocab_size = {first[1]['vocab_size']}, more than "
+                         f"model.vocab_size = {vocab_size}")
 
 
 def tokenizer_path(pattern):
@@ -52,18 +80,27 @@ def tokenizer_path(pattern):
 
 
 def token_byte_lengths(tokenizer_path):
-    """Number of UTF-8 bytes each token id stands for (0 for special tokens): the
-    denominator of bits per byte. Byte-level BPE maps each byte to one character, so a
-    token's byte count is the length of its vocabulary string."""
-    with open(tokenizer_path, encoding="utf-8") as f:
-        spec = json.load(f)
-    vocab = spec["model"]["vocab"]
-    lengths = [0] * (max(vocab.values()) + 1)
-    for token, i in vocab.items():
-        lengths[i] = len(token)
-    for added in spec.get("added_tokens", []):
-        if added["special"]:
-            lengths[added["id"]] = 0
+    """UTF-8 bytes of text each token id stands for (0 for special tokens): the denominator
+    of bits per byte. Each id is decoded through the tokenizer after an anchor token, so a
+    SentencePiece-style leading "\u2581" counts as the space it stands for. An id that decodes
+    to U+FFFD is part of a character: byte fallback's <0xE4> is one byte, and a byte-level
+    BPE token holds one byte per character of its string (GPT-2's byte-to-unicode map)."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(tokenizer_path)
+    n = tok.get_vocab_size(with_added_tokens=True)
+    anchor = tok.encode("a", add_special_tokens=False).ids[-1]
+    base = len(tok.decode([anchor]).encode())
+    pieces = tok.decode_batch([[anchor, i] for i in range(n)])
+    lengths = []
+    for i, text in enumerate(pieces):
+        token = tok.id_to_token(i)
+        if "\ufffd" not in text[1:]:
+            lengths.append(len(text.encode()) - base)
+        else:
+            lengths.append(1 if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token) else len(token))
+    for i, added in tok.get_added_tokens_decoder().items():
+        if added.special:
+            lengths[i] = 0
     return lengths
 
 

@@ -13,14 +13,16 @@ gives small models a signal; and multiple-choice format, where the options are l
 A/B/C/D and the letter is scored, which models only learn to use late in training and at
 larger scale (OLMES; the FineWeb ablations use cloze for the same reason).
 
-Library functions here import only model-side code (kernels, model, data); the command
-line loads checkpoints through train.py.
+Models come from checkpoint.py (a checkpoint directory, or in-training weights); eval.py
+never imports train.py, which imports it.
 """
 import argparse
 import contextlib
 import csv
+import dataclasses
 import functools
 import glob
+import io
 import json
 import math
 import os
@@ -33,10 +35,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import data
-from model import Transformer
+from prep.tokenizer import BOS  # every training document starts with it
 
-BOS = "<|bos|>"            # prep/tokenizer.py SPECIAL_TOKENS[0]: every training document starts with it
 LETTERS = "ABCDEFGHIJ"
 UNCONDITIONAL = "Answer:"  # PMI's answer-only context (Brown et al. 2020, GPT-3, section 2.4)
 MODES = {"norm": ("acc", "acc_token", "acc_norm"),  # cloze, scored three ways
@@ -96,7 +98,7 @@ def hellaswag(row):
     """Zellers et al. 2019, rowanz/hellaswag jsonl: ctx_a, ctx_b, activity_label, endings, label."""
     ctx_a, ctx_b, activity, endings, label = need(row, "ctx_a", "ctx_b", "activity_label", "endings", "label")
     context = hellaswag_clean(f"{activity}: {ctx_a} {ctx_b.capitalize()}")
-    return Example(context, [hellaswag_clean(e) for e in endings], int(label))
+    return Example(context, [hellaswag_clean(e) for e in endings], index(label))
 
 
 def ai2_question(row):
@@ -129,7 +131,7 @@ def openbookqa(row):
 def piqa(row):
     """Bisk et al. 2020: goal, sol1, sol2; the label comes from the row or the -labels.lst file."""
     goal, sol1, sol2, label = need(row, "goal", "sol1", "sol2", "label")
-    return qa(goal, [sol1, sol2], int(label))
+    return qa(goal, [sol1, sol2], index(label))
 
 
 def winogrande(row):
@@ -157,7 +159,16 @@ def generic(row):
     if "query" in row and "context" not in row:
         row = {**row, "context": row["query"]}
     context, choices, gold = need(row, "context", "choices", "gold")
-    return Example(context, list(choices), int(gold))
+    if not isinstance(choices, list):
+        raise TaskFormatError(f"choices must be a list of texts, got {type(choices).__name__}")
+    return Example(context, choices, index(gold))
+
+
+def index(value):
+    """An answer index from an int or a string of digits; never a truncated float."""
+    if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
+        raise TaskFormatError(f"gold answer {value!r} is not a whole number")
+    return int(value)
 
 
 MMLU_COLUMNS = ["question", "choice0", "choice1", "choice2", "choice3", "answer"]
@@ -166,7 +177,7 @@ MMLU_COLUMNS = ["question", "choice0", "choice1", "choice2", "choice3", "answer"
 def mmlu(row):
     """Hendrycks et al. 2021: question, four choices, answer as a letter (original CSVs) or an index."""
     question, *choices, answer = need(row, *MMLU_COLUMNS)
-    gold = LETTERS.index(answer.strip()) if answer.strip() in ("A", "B", "C", "D") else int(answer)
+    gold = LETTERS.index(answer.strip()) if answer.strip() in ("A", "B", "C", "D") else index(answer.strip())
     return qa(question, choices, gold, group=row.get("subject", ""))
 
 
@@ -189,14 +200,22 @@ def parse_row(name, row, where):
         raise TaskFormatError(f"{where}: {name}: {e}") from None
 
 
+def read_text(path):
+    """A file's text, or an error naming the file when it is not UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise TaskFormatError(f"{path}: not UTF-8 text ({e})") from None
+
+
 def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield lineno, json.loads(line)
-                except ValueError as e:
-                    raise TaskFormatError(f"{path}:{lineno}: not valid JSON ({e})") from None
+    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+        if line.strip():
+            try:
+                yield lineno, json.loads(line)
+            except ValueError as e:
+                raise TaskFormatError(f"{path}:{lineno}: not valid JSON ({e})") from None
 
 
 def load_task(name, path):
@@ -212,15 +231,16 @@ def load_task(name, path):
             raise TaskFormatError(f"{path}: {len(rows)} questions but {len(labels)} labels in its -labels.lst")
         rows = [(n, {**row, "label": label}) for (n, row), label in zip(rows, labels)]
     examples = [parse_row(name, row, f"{path}:{n}") for n, row in rows]
+    if not examples:
+        raise TaskFormatError(f"{path}: no examples")
     return Task(name, examples, examples)
 
 
 def read_mmlu_csv(path):
     """Hendrycks et al. 2021's CSVs have no header (question, A, B, C, D, answer letter); Hugging
     Face exports have one (question, choice0..choice3, answer index), in any column order."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        rows = [(reader.line_num, cells) for cells in reader]
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    rows = [(reader.line_num, cells) for cells in reader]
     columns = MMLU_COLUMNS
     if rows and "question" in rows[0][1]:
         columns, rows = rows[0][1], rows[1:]
@@ -490,26 +510,14 @@ def load_tokenizer(path):
     return Tokenizer.from_file(path)
 
 
-def whole_model(model_cfg, weights, device="cpu"):
-    """A plain model.py Transformer from consolidated weights (parallel.full_tensors, a
-    checkpoint), so evaluation runs the same way under any parallel layout."""
-    with torch.device("meta"):  # no initialisation: every weight is copied in below
-        model = Transformer(model_cfg)
-    model.to_empty(device=device)
-    params = dict(model.named_parameters())  # a tied head is listed once, as embed.weight
-    if set(params) != set(weights):
-        raise ValueError(f"weights do not match the model: {sorted(set(params) ^ set(weights))[:5]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(weights[name])
-    return model
-
-
-def monitor(ecfg, tokenizer_path, model_cfg, weights, step, device="cpu", autocast=None):
+def monitor(ecfg, tokenizer_path, cfg, weights, step, device="cpu", autocast=None):
     """train.py's in-training benchmarks: the tasks of eval.tasks on a fixed subset of
-    eval.limit examples each, in eval.mode with eval.shots shots. Returns (record, line) for
-    MetricsLog.write, with keys like "eval/hellaswag_acc_norm"."""
-    model, tokenizer = whole_model(model_cfg, weights, device), load_tokenizer(tokenizer_path)
+    eval.limit examples each, in eval.mode with eval.shots shots, on a whole model built from
+    weights (parallel.full_tensors). Returns (record, line) for MetricsLog.write, with keys
+    like "eval/hellaswag_acc_norm"."""
+    single = dataclasses.replace(cfg, parallel=type(cfg.parallel)())  # one process's model
+    model = checkpoint.build_model(single, device, checkpoint.tensor_source(weights, f"step {step} weights"))
+    tokenizer = load_tokenizer(tokenizer_path)
     record, parts = {"step": step}, []
     for task in load_tasks(ecfg.tasks, ecfg.limit):
         r = evaluate_task(model, tokenizer, task, ecfg.mode, ecfg.shots, autocast=autocast)
@@ -590,9 +598,9 @@ def signal_table(report):
     return "\n".join(lines)
 
 
-def evaluate_checkpoint(ckpt, args, train):
+def evaluate_checkpoint(ckpt, args):
     """The model, tokenizer and task results of one checkpoint."""
-    _, model = train.load_checkpoint(ckpt, args.device)
+    _, model = checkpoint.load_model(ckpt, args.device)
     tokenizer = load_tokenizer(os.path.join(ckpt, "tokenizer.json"))
     autocast = torch.autocast("cuda", torch.bfloat16) if args.device == "cuda" else None
     tasks = [evaluate_task(model, tokenizer, task, args.mode, args.shots, args.seed, args.batch_size, autocast)
@@ -600,12 +608,11 @@ def evaluate_checkpoint(ckpt, args, train):
     return model, tokenizer, tasks
 
 
-def checkpoint_main(args, train):
-    model, tokenizer, tasks = evaluate_checkpoint(args.checkpoint, args, train)
+def checkpoint_main(args):
+    model, tokenizer, tasks = evaluate_checkpoint(args.checkpoint, args)
     results = {"checkpoint": args.checkpoint, "tasks": tasks, "text": {}, "shards": {}}
     for path in args.text:
-        with open(path, encoding="utf-8") as f:
-            results["text"][path] = text_bpb(model, tokenizer, f.read(), autocast=None)
+        results["text"][path] = text_bpb(model, tokenizer, read_text(path), autocast=None)
     if args.shards:
         results["shards"][args.shards] = shards_bpb(model, args.shards, args.batches)
     lines = [results_table(tasks)] if tasks else []
@@ -618,14 +625,14 @@ def checkpoint_main(args, train):
     return results
 
 
-def signal_main(args, train):
+def signal_main(args):
     """Evaluate every checkpoint of every run, then the signal report per task."""
     curves, meta = {}, {}
     for run in args.signal:
         ckpt_dir = os.path.join(run, "checkpoints") if os.path.isdir(os.path.join(run, "checkpoints")) else run
-        for ckpt in train.step_dirs(ckpt_dir):
+        for ckpt in checkpoint.step_dirs(ckpt_dir):
             step = int(os.path.basename(ckpt).removeprefix("step_"))
-            for r in evaluate_checkpoint(ckpt, args, train)[2]:
+            for r in evaluate_checkpoint(ckpt, args)[2]:
                 curves.setdefault(r["task"], {}).setdefault(run, []).append((step, r[HEADLINE[args.mode]]))
                 meta[r["task"]] = (r["random"], r["n"])
             print(f"evaluated {ckpt}", flush=True)
@@ -635,7 +642,6 @@ def signal_main(args, train):
 
 
 def main(argv=None):
-    import train  # here, not at the top: train.py imports this module
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="a checkpoint directory (step_NNNNNNN)")
     p.add_argument("--signal", nargs="+", metavar="RUN", help="runs (or their checkpoints/) differing only in seed")
@@ -659,8 +665,8 @@ def main(argv=None):
     if not args.signal and not (args.checkpoint and (args.tasks or args.text or args.shards)):
         p.error("give --checkpoint DIR with --tasks, --text or --shards, or --signal RUN ... with --tasks")
     try:
-        results = signal_main(args, train) if args.signal else checkpoint_main(args, train)
-    except (TaskFormatError, FileNotFoundError) as e:
+        results = signal_main(args) if args.signal else checkpoint_main(args)
+    except (ValueError, OSError) as e:  # bad input: one line naming the file and what is wrong
         raise SystemExit(f"error: {e}") from None
     out = args.out or (os.path.join(args.checkpoint, "eval.json") if args.checkpoint else None)
     if out:

@@ -67,7 +67,10 @@ def use_triton(x):
 def _autotune(gpu_configs, interpreter_config, key, reset_to_zero=None):
     """triton.autotune over a short list of block sizes on a GPU. Under the interpreter one
     small config: the interpreter is slow, and small blocks exercise the boundary masks.
-    reset_to_zero: outputs a kernel adds into, zeroed before each timed trial."""
+    reset_to_zero: outputs a kernel adds into, zeroed before each timed trial. Attention keys on
+    SQ_POW2 and SK_POW2, the lengths rounded up to powers of two (arguments the kernels never
+    read): keyed on exact lengths, each new one (an eval batch, a generated length) would time
+    every config again."""
     return triton.autotune([interpreter_config] if INTERPRET else gpu_configs, key=key, reset_to_zero=reset_to_zero)
 
 
@@ -180,11 +183,12 @@ def _attn_fwd_blocks(acc, l_i, m_i, q, K, V, rows, lo, hi, sk_s, sv_s, SK, qk_sc
     return acc, l_i, m_i
 
 
-@_autotune(_fwd_configs(), triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}), key=["SQ", "SK", "HEAD_DIM", "CAUSAL"])
+@_autotune(_fwd_configs(), triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
+           key=["SQ_POW2", "SK_POW2", "HEAD_DIM", "CAUSAL"])
 @triton.jit
 def _attn_fwd(Q, K, V, OUT, LSE,
               sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
-              H, GROUP, SQ, SK, qk_scale,
+              H, GROUP, SQ, SK, SQ_POW2, SK_POW2, qk_scale,
               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, head); loops over key blocks."""
@@ -242,11 +246,11 @@ def _dkdv_configs():
 
 
 @_autotune(_dkdv_configs(), triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}),
-           key=["SQ", "SK", "HEAD_DIM", "CAUSAL", "ATOMIC_DQ"], reset_to_zero=["DQ_ACC"])
+           key=["SQ_POW2", "SK_POW2", "HEAD_DIM", "CAUSAL", "ATOMIC_DQ"], reset_to_zero=["DQ_ACC"])
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
                    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_s,
-                   HKV, GROUP, SQ, SK, sm_scale, qk_scale,
+                   HKV, GROUP, SQ, SK, SQ_POW2, SK_POW2, sm_scale, qk_scale,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_N keys of one (batch, KV head). It loops over every query head of
@@ -332,11 +336,12 @@ def _attn_dq_blocks(dq, q, do, lse2, delta, K, V, rows, lo, hi, sk_s, sv_s, SK, 
     return dq
 
 
-@_autotune(_dq_configs(), triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}), key=["SQ", "SK", "HEAD_DIM", "CAUSAL"])
+@_autotune(_dq_configs(), triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
+           key=["SQ_POW2", "SK_POW2", "HEAD_DIM", "CAUSAL"])
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_s,
-                 H, GROUP, SQ, SK, sm_scale, qk_scale,
+                 H, GROUP, SQ, SK, SQ_POW2, SK_POW2, sm_scale, qk_scale,
                  HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, head); loops over key blocks like the
@@ -387,7 +392,8 @@ class _FlashAttention(torch.autograd.Function):
         lse = torch.empty(B, H, SQ, device=q.device, dtype=torch.float32)
         grid = lambda meta: (triton.cdiv(SQ, meta["BLOCK_M"]), B * H)  # noqa: E731
         _attn_fwd[grid](q, k, v, o, lse, *_s(q), *_s(k), *_s(v), *_s(o),
-                        H, H // HKV, SQ, SK, scale * math.log2(math.e),
+                        H, H // HKV, SQ, SK, triton.next_power_of_2(SQ), triton.next_power_of_2(SK),
+                        scale * math.log2(math.e),
                         HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q))
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.scale = causal, scale
@@ -426,13 +432,14 @@ def _flash_backward(q, k, v, do, lse, delta, causal, scale, grad_dtype):
     args = (*_s(q), *_s(k), *_s(v), *_s(do))
     meta = dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q))
     qk_scale = scale * math.log2(math.e)
+    lengths = (SQ, SK, triton.next_power_of_2(SQ), triton.next_power_of_2(SK))
     _attn_bwd_dkdv[lambda m: (triton.cdiv(SK, m["BLOCK_N"]), B * HKV)](
-        q, k, v, do, lse, delta, dk, dv, dq_acc, *args, HKV, H // HKV, SQ, SK, scale, qk_scale,
+        q, k, v, do, lse, delta, dk, dv, dq_acc, *args, HKV, H // HKV, *lengths, scale, qk_scale,
         ATOMIC_DQ=ATOMIC_DQ, **meta)
     if ATOMIC_DQ:
         return dq.copy_(dq_acc), dk, dv
     _attn_bwd_dq[lambda m: (triton.cdiv(SQ, m["BLOCK_M"]), B * H)](
-        q, k, v, do, lse, delta, dq, *args, H, H // HKV, SQ, SK, scale, qk_scale, **meta)
+        q, k, v, do, lse, delta, dq, *args, H, H // HKV, *lengths, scale, qk_scale, **meta)
     return dq, dk, dv
 
 
@@ -511,7 +518,10 @@ def rms_norm_ref(x, weight, eps):
     # transformers' LlamaRMSNorm, so bf16 outputs match it bit for bit.
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * y.to(x.dtype)
+    y = weight * y.to(x.dtype)
+    # Under autocast, x's dtype (the one autocast's next matmul would cast to anyway): an fp32
+    # weight must not lift QK-norm's bf16 q and k away from v's dtype. Outside it, promote.
+    return y.to(x.dtype) if torch.is_autocast_enabled(x.device.type) else y
 
 
 @triton.jit
@@ -558,8 +568,9 @@ class _RMSNorm(torch.autograd.Function):
     def forward(ctx, x, weight, eps):
         x2 = _rows(x)
         n_rows, N = x2.shape
-        # The reference's weight * y.to(x.dtype) promotes: an fp32 weight on bf16 x gives fp32.
-        y = torch.empty(n_rows, N, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
+        # The reference's dtype: x's under autocast, else promoted (fp32 weight on bf16 x: fp32).
+        dtype = x.dtype if torch.is_autocast_enabled(x.device.type) else torch.promote_types(x.dtype, weight.dtype)
+        y = torch.empty(n_rows, N, device=x.device, dtype=dtype)
         rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
         block = triton.next_power_of_2(N)
         _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), N, eps,
@@ -814,6 +825,8 @@ def linear_cross_entropy(h, weight, targets, ignore_index=-100, z_loss=0.0, chun
     as h (Liger's rule), which bounds the extra memory by h's size."""
     if not use_triton(h):
         return linear_cross_entropy_ref(h, weight, targets, ignore_index, z_loss)
+    if not torch.is_grad_enabled():   # needs_input_grad follows requires_grad, not no_grad (eval)
+        h, weight = h.detach(), weight.detach()
     N, d = h.shape
     V = weight.shape[0]
     chunk = chunk or triton.next_power_of_2(triton.cdiv(N, triton.cdiv(V, d)))

@@ -6,17 +6,17 @@ token embedding -> n_layers x [RMSNorm -> attention (RoPE, grouped-query heads)
 
 Reading this file alone teaches the architecture: it knows nothing about process groups.
 parallel.py applies tensor/sequence/pipeline/context parallelism from outside by swapping
-submodules and the attention function. The last section converts to and from the
-Hugging Face Llama (and, with QK-norm, Qwen3) format with transformers' key names.
+submodules (parallel linears, norms, embedding and head) and the attention function, and
+keeps only a pipeline stage's layers. Weights get in and out through checkpoint.py, which
+builds this model on the meta device and fills it (its own checkpoints and the Hugging Face
+Llama / Qwen3 format).
 """
-import json
 import math
-import os
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 import kernels
 
@@ -152,6 +152,21 @@ def init_parameter(name, p, cfg, generator=None):
     return nn.init.normal_(p, 0.0, std, generator=generator)
 
 
+class LMHead(nn.Linear):
+    """The output projection to the vocabulary; given targets, it returns the mean loss instead
+    of the logits. On the Triton path the projection and the loss run fused over row chunks,
+    so the (tokens, vocab) logits never exist at once. parallel.py swaps in a vocab-parallel
+    head with the same weight name."""
+
+    def forward(self, h, targets=None, ignore_index=-100):
+        if targets is None:
+            return super().forward(h)                                      # (B, S, vocab)
+        h, targets = h.flatten(0, 1), targets.flatten()                   # (B*S, d_model), (B*S,)
+        if kernels.use_triton(h):
+            return kernels.linear_cross_entropy(h, self.weight, targets, ignore_index)
+        return kernels.cross_entropy(super().forward(h), targets, ignore_index)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -159,16 +174,19 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # Activation recomputation (Chen et al. 2016): keep each block's input only and run the
+        # block again in backward. Memory for compute; `[parallel] recompute = true` sets it.
+        self.recompute = False
         self.init_weights()
 
     def to_empty(self, *, device, recurse=True):
-        """nn.Module.to_empty for a model built on the meta device (train.build_model): also
+        """nn.Module.to_empty for a model built on the meta device (checkpoint.build_model): also
         ties the head again (to_empty gives each module its own tensor) and refills the RoPE
         tables, which are computed, never loaded. Pipeline stages may lack embed or head."""
         super().to_empty(device=device, recurse=recurse)
@@ -183,38 +201,31 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             init_parameter(name, p, self.cfg)
 
-    def rope(self, pos):
-        """cos, sin tables for positions pos (S,) — a plain arange unless the sequence is
-        split into chunks (context parallel) or continues a cache (generation). Positions
-        are not range-checked here: reading pos.max() would synchronise with the GPU on
-        every step and break torch.compile's graph. Callers check lengths instead
-        (forward below, and train.py's config check of data.seq_len)."""
-        return self.rope_cos[pos], self.rope_sin[pos]
+    def forward(self, x, targets=None, pos=None, ignore_index=-100):
+        """input_ids (B, S) -> logits (B, S, vocab), or the mean loss when targets are given.
 
-    def forward(self, input_ids, targets=None, pos=None, ignore_index=-100):
-        """input_ids (B, S) -> logits (B, S, vocab), or the mean loss when targets are given."""
+        pos (S,): the tokens' positions, for RoPE; an arange unless the sequence is cut into
+        chunks (context parallel) or continues a cache (generation). They are not range-checked
+        here: reading pos.max() would synchronise with the GPU on every step and break
+        torch.compile's graph, so callers check lengths (below, and the config's data.seq_len).
+        A pipeline stage (parallel.py) lacks the embedding, the head or both: it takes hidden
+        states (B, S, d_model) in, or gives them out."""
         if pos is None:
-            if input_ids.shape[1] > self.cfg.max_seq_len:
-                raise ValueError(f"sequence of {input_ids.shape[1]} tokens is longer than "
+            if x.shape[1] > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {x.shape[1]} tokens is longer than "
                                  f"model.max_seq_len={self.cfg.max_seq_len}")
-            pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-        cos, sin = self.rope(pos)
-        h = self.embed(input_ids)                                          # (B, S, d_model)
-        for layer in self.layers:
-            h = layer(h, cos, sin)
-        h = self.norm(h)
-        if targets is None:
-            return self.lm_head(h)
-        return self.loss(h, targets, ignore_index)
-
-    def loss(self, h, targets, ignore_index=-100):
-        """Mean cross-entropy of the LM head on final hidden states h (B, S, d_model).
-        On the Triton path the head and the loss run fused over row chunks, so the
-        (tokens, vocab) logits never exist at once; otherwise logits, then the loss."""
-        h, targets = h.flatten(0, 1), targets.flatten()                   # (B*S, d_model), (B*S,)
-        if kernels.use_triton(h):
-            return kernels.linear_cross_entropy(h, self.lm_head.weight, targets, ignore_index)
-        return kernels.cross_entropy(self.lm_head(h), targets, ignore_index)
+            pos = torch.arange(x.shape[1], device=x.device)
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]                  # (S, head_dim)
+        h = self.embed(x) if self.embed is not None else x                 # (B, S, d_model)
+        layers = self.layers.values() if isinstance(self.layers, nn.ModuleDict) else self.layers
+        for layer in layers:
+            if self.recompute and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin)
+        if self.lm_head is None:
+            return h
+        return self.lm_head(self.norm(h), targets, ignore_index)
 
     def num_params(self, embedding=True):
         n = sum(p.numel() for p in self.parameters())  # a tied weight is counted once
@@ -229,119 +240,3 @@ class Transformer(nn.Module):
         c = self.cfg
         matmul_params = self.num_params() - (0 if c.tie_embeddings else self.embed.weight.numel())
         return 6 * matmul_params + 12 * c.n_layers * seq_len * c.n_heads * c.head_dim
-
-
-# ----------------------------------------------------------------------------------------
-# Hugging Face format: config.json + model.safetensors with transformers' key names.
-# Our names differ from transformers' only by these patterns ({i} is a layer index).
-
-HF_NAMES = [
-    ("embed.weight", "model.embed_tokens.weight"),
-    ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
-    ("layers.{i}.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
-    ("layers.{i}.attn.{w}.weight", "model.layers.{i}.self_attn.{w}.weight"),
-    ("layers.{i}.mlp.{w}.weight", "model.layers.{i}.mlp.{w}.weight"),
-    ("norm.weight", "model.norm.weight"),
-    ("lm_head.weight", "lm_head.weight"),
-]
-
-
-def _rename(name, table, reverse=False):
-    for ours, theirs in table:
-        src, dst = (theirs, ours) if reverse else (ours, theirs)
-        pattern = re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{w\}", r"(?P<w>\w+)")
-        m = re.fullmatch(pattern, name)
-        if m:
-            return dst.format(**m.groupdict())
-    raise KeyError(name)
-
-
-def save_hf(model, out_dir, dtype=torch.float32):
-    """Write config.json and model.safetensors that transformers' LlamaForCausalLM (or
-    Qwen3ForCausalLM when the model uses QK-norm) loads with equal logits."""
-    from safetensors.torch import save_file
-    c = model.cfg
-    arch, model_type = ("Qwen3ForCausalLM", "qwen3") if c.qk_norm else ("LlamaForCausalLM", "llama")
-    config = {
-        "architectures": [arch], "model_type": model_type,
-        "vocab_size": c.vocab_size, "hidden_size": c.d_model, "intermediate_size": c.d_ff,
-        "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
-        "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
-        "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps,
-        # transformers < 5 reads rope_theta, >= 5 reads rope_parameters: write both.
-        "rope_theta": c.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-        "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
-        "mlp_bias": False, "initializer_range": c.init_std, "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-    # A tied head is the embedding: store it once, as transformers does.
-    tensors = {_rename(n, HF_NAMES): p.detach().to(dtype).contiguous().cpu()
-               for n, p in model.named_parameters()}
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-
-
-def _read_hf_tensors(hf_dir):
-    from safetensors.torch import load_file
-    index = os.path.join(hf_dir, "model.safetensors.index.json")
-    if os.path.exists(index):  # a sharded checkpoint: model-00001-of-0000N.safetensors ...
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(hf_dir, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
-    tensors = {}
-    for name in files:
-        tensors.update(load_file(os.path.join(hf_dir, name)))
-    return tensors
-
-
-def config_from_hf(hf):
-    """ModelConfig from a transformers config.json dict (Llama or Qwen3)."""
-    where = "config.json"
-    if hf.get("model_type") not in ("llama", "qwen3"):
-        raise ValueError(f"{where}: model_type {hf.get('model_type')!r} is not supported (llama, qwen3)")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"{where}: RoPE scaling {rope.get('rope_type')!r} is not supported")
-    if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ValueError(f"{where}: only silu activations without biases are supported")
-    n_heads = hf["num_attention_heads"]
-    return ModelConfig(
-        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-        n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, d_ff=hf["intermediate_size"],
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
-        qk_norm=hf["model_type"] == "qwen3", init_std=hf.get("initializer_range", 0.02))
-
-
-def load_hf(hf_dir, dtype=torch.float32):
-    """A transformers Llama/Qwen3 checkpoint directory -> Transformer with equal logits."""
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        cfg = config_from_hf(json.load(f))
-    model = Transformer(cfg)
-    tensors = {}
-    for name, t in _read_hf_tensors(hf_dir).items():
-        if "rotary_emb" in name:  # some old exports store RoPE's inv_freq; we compute it
-            continue
-        try:
-            tensors[_rename(name, HF_NAMES, reverse=True)] = t
-        except KeyError:
-            raise KeyError(f"{hf_dir}: tensor {name!r} has no counterpart in model.py") from None
-    params = dict(model.named_parameters())
-    if cfg.tie_embeddings:
-        tensors.pop("lm_head.weight", None)  # some exports store the tied head twice
-    for what, names in (("missing", set(params) - set(tensors)), ("unexpected", set(tensors) - set(params))):
-        if names:
-            raise KeyError(f"{hf_dir}: {what} tensors {sorted(names)[:5]}")
-    with torch.no_grad():
-        for name, p in params.items():
-            if tensors[name].shape != p.shape:
-                raise ValueError(f"{hf_dir}: {name} has shape {tuple(tensors[name].shape)}, "
-                                 f"config.json implies {tuple(p.shape)}")
-            p.copy_(tensors[name])
-    return model.to(dtype)

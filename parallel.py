@@ -2,8 +2,8 @@
 
     1. the process grid          dp x pp x cp x tp ranks, tp innermost, and their groups
     2. Megatron's f and g        the four communication steps of tensor/sequence parallelism
-    3. tensor + sequence parallel  surgery: shard the linears, hook the norms, vocab-parallel
-                                 embedding and cross-entropy
+    3. tensor + sequence parallel  surgery: column/row-parallel linears, norms that enter the
+                                 tp region, vocab-parallel embedding, head and cross-entropy
     4. context parallel          ring attention over load-balanced chunks
     5. pipeline parallel         stages, point-to-point, AFAB and 1F1B schedules
     6. data parallel             bucketed all-reduce from backward hooks; ZeRO-1
@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import kernels
 
@@ -81,23 +80,22 @@ class Grid:
 def check_layout(p, model_cfg, data_cfg, world):
     """Resolve dp and raise ValueError naming what makes the layout impossible."""
     dp = p.dp or world // max(1, p.tp * p.pp * p.cp)
-    if dp * p.pp * p.cp * p.tp != world:
-        raise ValueError(f"parallel: dp {dp} x pp {p.pp} x cp {p.cp} x tp {p.tp} = {dp * p.pp * p.cp * p.tp}, "
-                         f"but the world size is {world}")
+    if dp == 0 or dp * p.pp * p.cp * p.tp != world:
+        raise ValueError(f"parallel.dp={p.dp or 'auto'} x parallel.pp={p.pp} x parallel.cp={p.cp} x "
+                         f"parallel.tp={p.tp} does not match the world size of {world} processes")
     m = model_cfg
     checks = [
         (m.n_heads % p.tp == 0, f"model.n_heads={m.n_heads} is not divisible by parallel.tp={p.tp}"),
         (m.n_kv_heads % p.tp == 0, f"model.n_kv_heads={m.n_kv_heads} is not divisible by parallel.tp={p.tp}"),
         (m.vocab_size % p.tp == 0, f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}"),
         (m.n_layers >= p.pp, f"model.n_layers={m.n_layers} is fewer than parallel.pp={p.pp} stages"),
-        (data_cfg.seq_len % (2 * p.cp) == 0,
+        (p.cp == 1 or data_cfg.seq_len % (2 * p.cp) == 0,
          f"data.seq_len={data_cfg.seq_len} is not divisible by 2 x parallel.cp={2 * p.cp} (two chunks per rank)"),
         (not p.sequence_parallel or (data_cfg.seq_len // p.cp) % p.tp == 0,
          f"data.seq_len / cp = {data_cfg.seq_len // p.cp} is not divisible by parallel.tp={p.tp} "
          "for sequence parallelism"),
         (p.pp == 1 or data_cfg.micro_batch % microbatches(p, data_cfg.micro_batch) == 0,
          f"data.micro_batch={data_cfg.micro_batch} is not divisible by parallel.microbatches={p.microbatches}"),
-        (p.zero in (0, 1), f"parallel.zero={p.zero}: only ZeRO stage 0 or 1"),
         (p.ep == 1, "parallel.ep > 1 needs a Mixture-of-Experts model"),
     ]
     for ok, message in checks:
@@ -233,10 +231,15 @@ def exit_tp(x, grid):
 
 
 # ----------------------------------------------------------------------------------------
-# 3. Tensor + sequence parallelism: surgery on the plain model.
-#    Column-parallel (output features split): q, k, v, gate, up, the LM head, the embedding
-#    rows (vocab). Row-parallel (input features split, outputs summed): o, down.
-#    Attention heads split with q/k/v; each rank attends with its own heads, no communication.
+# 3. Tensor + sequence parallelism: surgery on the plain model, module by module, keeping
+#    model.py's parameter names. Column-parallel (output features split): q, k, v, gate, up,
+#    the LM head and the embedding rows (vocab). Row-parallel (input features split, outputs
+#    summed): o, down. Attention heads split with q/k/v; each rank attends with its own heads.
+#    Where the communication happens, in each module's forward:
+#      the norm before q/k/v (and before gate/up)  f: enter the tp region, once for all three
+#      RowParallelLinear (o, down)                  g: sum the partial outputs
+#      the embedding                                g: sum the rows' owners' vectors
+#      the head                                     f, then the vocab-parallel loss
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW = ("o_proj", "down_proj")
@@ -244,6 +247,43 @@ ROW = ("o_proj", "down_proj")
 
 def _shard(param, dim, grid):
     return nn.Parameter(param.detach().chunk(grid.tp, dim=dim)[grid.tp_rank].clone())
+
+
+class NormIntoTP(nn.Module):
+    """RMSNorm, then f (or sequence parallel's all-gather): the entry to a tensor-parallel
+    region. q, k and v (gate and up) share this input, so one f serves all three, which is
+    what Megatron gets by fusing them into one QKV linear."""
+
+    def __init__(self, norm, grid):
+        super().__init__()
+        self.weight, self.eps, self.grid = norm.weight, norm.eps, grid
+
+    def forward(self, x):
+        return enter_tp(kernels.rms_norm(x, self.weight, self.eps), self.grid)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_local = x W_local^T with W's output rows split over tp: no communication, the
+    input already entered the region (NormIntoTP)."""
+
+    def __init__(self, linear, grid):
+        super().__init__()
+        self.weight = _shard(linear.weight, 0, grid)
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
+class RowParallelLinear(nn.Module):
+    """W's input columns split over tp: each rank's product is a partial sum, and g adds them
+    up (all-reduce, or reduce-scatter along the sequence under sequence parallelism)."""
+
+    def __init__(self, linear, grid):
+        super().__init__()
+        self.weight, self.grid = _shard(linear.weight, 1, grid), grid
+
+    def forward(self, x):
+        return exit_tp(F.linear(x, self.weight), self.grid)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -294,27 +334,33 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def parallel_loss(model, grid, h, targets, ignore_index=-100):
-    """model.loss under tensor parallelism: the head's vocab shard, then the vocab-parallel loss."""
-    logits = F.linear(enter_tp(h, grid), model.lm_head.weight)  # (B, S, V / tp)
-    return VocabParallelCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(),
-                                           grid.tp_rank * logits.shape[-1], grid.groups["tp"], ignore_index)
+class VocabParallelLMHead(nn.Module):
+    """The head's vocabulary rows split over tp (tied: the embedding's own shard). With
+    targets, the vocab-parallel loss, so the (tokens, vocab) logits are never gathered;
+    without (scoring, generation), the logits gathered whole."""
+
+    def __init__(self, weight, grid):
+        super().__init__()
+        self.weight, self.grid = weight, grid
+
+    def forward(self, h, targets=None, ignore_index=-100):
+        logits = F.linear(enter_tp(h, self.grid), self.weight)    # (B, S, V / tp)
+        group = self.grid.groups["tp"]
+        if targets is None:
+            parts = [torch.empty_like(logits) for _ in range(self.grid.tp)]
+            dist.all_gather(parts, logits.contiguous(), group=group)
+            return torch.cat(parts, dim=-1)                         # (B, S, V)
+        return VocabParallelCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(),
+                                               self.grid.tp_rank * logits.shape[-1], group, ignore_index)
 
 
 def apply_tensor_parallel(model, grid):
     for i, block in enumerate(model.layers):
         for part in (block.attn, block.mlp):
-            for name, child in part.named_children():
+            for name, child in list(part.named_children()):
                 if name in COLUMN or name in ROW:
-                    dim = 0 if name in COLUMN else 1
-                    child.weight = _shard(child.weight, dim, grid)
-                    grid.tp_sharded[f"layers.{i}.{'attn' if part is block.attn else 'mlp'}.{name}.weight"] = dim
-                    if name in ROW:
-                        child.register_forward_hook(lambda mod, args, out: exit_tp(out, grid))
-        # The norm before each half hands its output to the tensor-parallel region: one
-        # f (or all-gather) for q, k and v together, one for gate and up.
-        for norm in (block.attn_norm, block.mlp_norm):
-            norm.register_forward_hook(lambda mod, args, out: enter_tp(out, grid))
+                    setattr(part, name, (ColumnParallelLinear if name in COLUMN else RowParallelLinear)(child, grid))
+        block.attn_norm, block.mlp_norm = NormIntoTP(block.attn_norm, grid), NormIntoTP(block.mlp_norm, grid)
         if hasattr(block.attn, "q_norm"):  # QK-norm sees only this rank's heads
             grid.tp_partial |= {f"layers.{i}.attn.q_norm.weight", f"layers.{i}.attn.k_norm.weight"}
         if grid.sequence_parallel:  # norms see only this rank's slice of the sequence
@@ -323,9 +369,10 @@ def apply_tensor_parallel(model, grid):
         grid.tp_partial.add("norm.weight")
     tied = model.lm_head.weight is model.embed.weight
     model.embed = VocabParallelEmbedding(model.embed, grid)
-    model.lm_head.weight = model.embed.weight if tied else _shard(model.lm_head.weight, 0, grid)
-    grid.tp_sharded.update({"embed.weight": 0, "lm_head.weight": 0})
-    model.loss = partial(parallel_loss, model, grid)
+    model.lm_head = VocabParallelLMHead(model.embed.weight if tied else _shard(model.lm_head.weight, 0, grid), grid)
+    for name, module in model.named_modules():
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead)):
+            grid.tp_sharded[f"{name}.weight"] = 1 if isinstance(module, RowParallelLinear) else 0
 
 
 # ----------------------------------------------------------------------------------------
@@ -440,16 +487,6 @@ def apply_pipeline(model, grid):
         model.norm, model.lm_head = None, None
 
 
-def stage_forward(model, grid, x, targets, pos):
-    """This stage's part of model.forward: ids (first stage) or hidden states in; hidden
-    states out, or the loss on the last stage."""
-    h = model.embed(x) if grid.first else x
-    cos, sin = model.rope(pos)
-    for layer in model.layers.values():
-        h = layer(h, cos, sin)
-    return model.loss(model.norm(h), targets) if grid.last else h
-
-
 def _p2p(sends=(), recvs=()):
     """Batched point-to-point: sends and receives posted together never deadlock."""
     ops = [dist.P2POp(dist.isend, t.contiguous(), peer) for t, peer in sends]
@@ -523,7 +560,7 @@ def pipeline_schedule(model, grid, chunks, pos, scale, schedule, pipe, before_la
 
     def forward(i, x):
         with autocast:
-            out = stage_forward(model, grid, x if x is not None else chunks[i][0], chunks[i][1], pos)
+            out = model(x if x is not None else chunks[i][0], chunks[i][1], pos)
         if grid.last:
             losses.append(out.detach().float())
         stash.append((x, out))
@@ -561,16 +598,9 @@ def pipeline_schedule(model, grid, chunks, pos, scale, schedule, pipe, before_la
     return sum(losses)
 
 
-def apply_recompute(model):
-    """Keep only each block's input for backward and recompute the rest (Chen et al. 2016)."""
-    blocks = model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers
-    for block in blocks:
-        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
-
-
 def parallelize(model, grid, p):
-    """Cut a whole model (on the meta device in train.build_model, or with real weights built
-    identically on every rank) down to this rank's part of the layout."""
+    """Cut a whole model (built on the meta device by checkpoint.build_model) down to this
+    rank's part of the layout."""
     grid.tied_head = model.lm_head.weight is model.embed.weight
     if grid.tp > 1:
         apply_tensor_parallel(model, grid)
@@ -579,8 +609,7 @@ def parallelize(model, grid, p):
             block.attn.attn_fn = partial(ring_attention, grid=grid)
     if grid.pp > 1:
         apply_pipeline(model, grid)
-    if p.recompute:
-        apply_recompute(model)
+    model.recompute = p.recompute
     return model
 
 
@@ -602,6 +631,8 @@ class Bucket:
         self.grad = torch.zeros(numel, device=device)
         self.offsets, offset = [], 0
         for p in self.params:
+            # The parameter and its gradient become views into the flat buffers, as PyTorch
+            # DDP's gradient buckets do: one collective per bucket, no copies in or out.
             self.data[offset:offset + p.numel()].copy_(p.detach().flatten())
             p.data = self.data[offset:offset + p.numel()].view_as(p)
             p.grad = self.grad[offset:offset + p.numel()].view_as(p)  # autograd accumulates in place
@@ -750,7 +781,7 @@ def forward_only_pipeline(model, grid, chunks, pos, pipe, autocast):
     for inputs, targets in chunks:
         x = pipe.recv_forward()
         with autocast:
-            out = stage_forward(model, grid, x.detach() if x is not None else inputs, targets, pos)
+            out = model(x.detach() if x is not None else inputs, targets, pos)
         if grid.last:
             losses.append(out.float())
         else:
@@ -835,12 +866,16 @@ def _base(name):
     return name
 
 
-def local_slice(name, full, grid):
-    """This rank's piece of a full tensor for parameter (or parameter state) name."""
+def shard_spec(name, grid):
+    """Which piece of the whole tensor this rank holds for a parameter (or its optimizer
+    state): (dim, index, count), its index-th of count chunks along dim; None: all of it."""
     dim = grid.tp_sharded.get(_base(name))
-    if dim is None or full.dim() == 0:
-        return full
-    return full.chunk(grid.tp, dim=dim)[grid.tp_rank]
+    return None if dim is None else (dim, grid.tp_rank, grid.tp)
+
+
+def piece(whole, spec):
+    """This rank's piece of a whole tensor (shard_spec)."""
+    return whole if spec is None or whole.dim() == 0 else whole.chunk(spec[2], dim=spec[0])[spec[1]]
 
 
 def optimizer_state(optimizer, named, dp):
@@ -867,19 +902,3 @@ def optimizer_state(optimizer, named, dp):
         for name in bucket.names:
             state[f"{name}.step"] = step.clone()
     return state
-
-
-def load_optimizer_state(optimizer, named, full, grid, device):
-    """Put consolidated AdamW state back: sliced to this rank's tp shard, and under ZeRO-1
-    to the piece of the flat parameter that this rank updates."""
-    for name, t in named:
-        if f"{canonical(name, grid)}.exp_avg" not in full:
-            continue
-        state = {}
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            value = local_slice(name, full[f"{canonical(name, grid)}.{key}"], grid)
-            if key != "step" and hasattr(t, "zero_slot"):
-                start = t.zero_slot[2]
-                value = value.flatten()[start:start + t.numel()]
-            state[key] = value.to(device) if key != "step" else value.cpu()
-        optimizer.state[t] = state

@@ -1,13 +1,16 @@
-"""train.py — pretraining: config, optimizer, schedule, the loop, checkpoints, logging.
+"""train.py — pretraining: optimizer, schedule, the loop, logging, surviving faults.
 
-    python train.py --config configs/tiny.toml [--set optim.lr=1e-3 ...] [--resume latest|STEP|DIR]
+    python train.py --config configs/tiny.toml [--set optim.lr=1e-3 ...] [--resume auto|latest|STEP|DIR]
     torchrun --nproc-per-node 8 train.py --config configs/x.toml
     python train.py --config configs/x.toml --estimate [--gpu H100 --mfu 0.4 --usd-per-hour 2.5]
+
+The loop (`train`) reads top to bottom: each step is `train_step`; validation, benchmarks,
+checkpoints, skipped steps and rollbacks are functions of their own over the `Run` that
+`start` builds. The config lives in config.py, checkpoint I/O and model building in
+checkpoint.py, the parallel layouts in parallel.py.
 """
 import argparse
-import dataclasses
 import gc
-import hashlib
 import json
 import math
 import os
@@ -16,207 +19,19 @@ import signal
 import sys
 import threading
 import time
-import tomllib
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import data
 import eval as evaluation
 import kernels
 import parallel
-from model import ModelConfig, Transformer, init_parameter
-
-
-# ----------------------------------------------------------------------------------------
-# Config: TOML sections -> nested dataclasses, checked key by key.
-
-def choice(default, *choices):
-    return field(default=default, metadata={"choices": (default, *choices)})
-
-
-@dataclass
-class DataConfig:
-    train: str = ""             # glob of token shards, e.g. "runs/demo/tokens/train_*.bin"
-    val: str = ""
-    seq_len: int = 256
-    micro_batch: int = 8        # sequences per rank per micro-step
-    grad_accum: int = 1         # micro-steps per optimizer step
-    seed: int = 1337            # data order and weight initialisation
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 3e-4
-    min_lr: float = 3e-5
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    clip: float = 1.0           # max global gradient norm; 0 disables clipping
-    warmup: int = 100
-    steps: int = 1000
-    schedule: str = choice("cosine", "wsd")
-    decay_frac: float = 0.2     # wsd: fraction of steps spent decaying to min_lr
-
-
-@dataclass
-class ParallelConfig:
-    dp: int = 0                 # 0: the world size divided by tp * pp * cp
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    ep: int = 1
-    zero: int = 0
-    sequence_parallel: bool = False
-    pp_schedule: str = choice("1f1b", "afab")
-    microbatches: int = 0
-    recompute: bool = False
-
-
-@dataclass
-class CheckpointConfig:
-    dir: str = ""               # "" : <log.dir>/checkpoints
-    every: int = 0              # steps between checkpoints; 0: only at the end
-    keep: int = 3               # most recent checkpoints kept
-    keep_every: int = 0         # also keep every checkpoint at a multiple of this many steps, forever
-    keep_hours: float = 0.0     # also keep one checkpoint per this many hours of training, forever
-    asynchronous: bool = True   # write from a CPU snapshot on a background thread while training goes on
-
-
-@dataclass
-class LogConfig:
-    dir: str = "runs/default"   # the run directory: config, metrics.jsonl, report.md
-    every: int = 10
-
-
-@dataclass
-class EvalConfig:
-    every: int = 0              # benchmark tasks (eval.py) every N steps; 0: never
-    tasks: str = ""             # "hellaswag=path.jsonl,arc_easy=path.jsonl" (eval.py --tasks)
-    limit: int = 200            # a fixed random subset of N examples per task; 0: all
-    mode: str = choice("norm", "pmi", "letter")  # cloze (norm), cloze + PMI, or A/B/C/D letters
-    shots: int = 0
-    val_every: int = 100        # validation loss every N steps (and at the end); 0: only at the end
-    val_batches: int = 10
-
-
-@dataclass
-class TrainConfig:
-    device: str = "auto"        # auto: cuda when available, else cpu
-    dtype: str = choice("auto", "float32", "bfloat16")  # auto: bf16 autocast on cuda, fp32 on cpu
-    kernels: str = choice("auto", "torch", "triton")
-    compile: bool = False
-    skip_nonfinite: bool = True  # a NaN/inf loss or gradient norm skips the update instead of applying it
-    spike_factor: float = 0.0   # a loss above this x its running mean skips the update; 0: off
-    spike_window: int = 20      # steps of running mean (and of warm-up before spikes are judged)
-    max_spikes: int = 3         # consecutive skipped steps that roll back to the last checkpoint
-
-
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def _check_value(key, f, value):
-    """The value for dataclass field f, or a ConfigError naming key."""
-    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}[f.type]
-    if not ok(value):
-        raise ConfigError(f"{key} = {value!r}: expected {f.type.__name__}, got {type(value).__name__}")
-    choices = f.metadata.get("choices")
-    if choices and value not in choices:
-        raise ConfigError(f"{key} = {value!r}: choose one of {', '.join(map(repr, choices))}")
-    return float(value) if f.type is float else value
-
-
-def config_from_dict(d, where="config"):
-    sections = {f.name: f for f in dataclasses.fields(Config)}
-    built = {}
-    for name, table in d.items():
-        if name not in sections:
-            raise ConfigError(f"{where}: unknown section [{name}]; valid: {', '.join(sections)}")
-        if not isinstance(table, dict):
-            raise ConfigError(f"{where}: [{name}] must be a table")
-        cls = sections[name].type
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in table.items():
-            if key not in fields:
-                raise ConfigError(f"{where}: unknown key {name}.{key}; valid keys of [{name}]: {', '.join(fields)}")
-            kwargs[key] = _check_value(f"{where}: {name}.{key}", fields[key], value)
-        try:
-            built[name] = cls(**kwargs)
-        except ValueError as e:  # ModelConfig's own checks
-            raise ConfigError(f"{where}: {e}") from None
-    cfg = Config(**built)
-    if cfg.data.seq_len > cfg.model.max_seq_len:  # the RoPE tables hold max_seq_len positions
-        raise ConfigError(f"{where}: data.seq_len = {cfg.data.seq_len} is longer than model.max_seq_len = "
-                          f"{cfg.model.max_seq_len}")
-    return cfg
-
-
-def apply_override(d, assignment):
-    """'section.key=value' into the nested dict d; value parsed as a TOML value, else a string."""
-    key, sep, raw = assignment.partition("=")
-    if not sep or key.count(".") != 1:
-        raise ConfigError(f"--set {assignment!r}: expected section.key=value")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    section, name = key.split(".")
-    d.setdefault(section, {})[name] = value
-
-
-def load_config(path, overrides=()):
-    try:
-        with open(path, "rb") as f:
-            d = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    for assignment in overrides:
-        apply_override(d, assignment)
-    return config_from_dict(d, where=path)
-
-
-def to_toml(cfg):
-    """The resolved config as TOML text (saved in every run directory and checkpoint)."""
-    def value(v):
-        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
-    lines = []
-    for section in dataclasses.fields(cfg):
-        lines.append(f"[{section.name}]")
-        for k, v in dataclasses.asdict(getattr(cfg, section.name)).items():
-            lines.append(f"{k} = {value(v)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def check_data_paths(cfg):
-    """Fail before any training if a shard pattern matches nothing or a benchmark file of
-    eval.tasks is missing or malformed."""
-    data.find_shards(cfg.data.train, "data.train")
-    if cfg.data.val:
-        data.find_shards(cfg.data.val, "data.val")
-    if cfg.eval.every and cfg.eval.tasks:
-        evaluation.load_tasks(cfg.eval.tasks, cfg.eval.limit)
+from config import Config, ConfigError, OptimConfig, TrainConfig, load_config, to_toml
+from model import Transformer
 
 
 # ----------------------------------------------------------------------------------------
@@ -250,140 +65,6 @@ def lr_at(step, o: OptimConfig):
 
 
 # ----------------------------------------------------------------------------------------
-# Checkpoints: one directory per step, written under a temporary name and renamed.
-#   step_0000100/model.safetensors      consolidated fp32 weights (model.py names)
-#               /optimizer.safetensors  AdamW moments per parameter name: NAME.exp_avg, ...
-#               /state.json             step, loader position, RNG, counters
-#               /config.toml            the resolved config
-#               /manifest.json          size and sha256 of every file above
-
-def sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def step_dirs(ckpt_dir):
-    """Finished checkpoints, oldest first."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    return sorted(os.path.join(ckpt_dir, d) for d in os.listdir(ckpt_dir) if d.startswith("step_"))
-
-
-def save_checkpoint(ckpt_dir, step, weights, moments, state, cfg, permanent=False):
-    """Write full (consolidated) tensors and state as step_NNNNNNN, atomically: files go to
-    a temporary directory that is renamed only once the manifest is written. Then drop old
-    checkpoints beyond the newest checkpoint.keep, except permanent ones."""
-    from safetensors.torch import save_file
-    final = os.path.join(ckpt_dir, f"step_{step:07d}")
-    tmp = os.path.join(ckpt_dir, f".tmp_step_{step:07d}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({n: t.float().contiguous() for n, t in weights.items()}, os.path.join(tmp, "model.safetensors"))
-    save_file({n: t.contiguous() for n, t in moments.items()}, os.path.join(tmp, "optimizer.safetensors"))
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump(state, f)
-    with open(os.path.join(tmp, "config.toml"), "w") as f:
-        f.write(to_toml(cfg))
-    tokenizer = data.tokenizer_path(cfg.data.train)
-    shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.json"))  # the checkpoint serves on its own
-    files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": sha256(os.path.join(tmp, n))}
-             for n in sorted(os.listdir(tmp))}
-    with open(os.path.join(tmp, "manifest.json"), "w") as f:
-        json.dump({"step": step, "keep": permanent, "files": files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in step_dirs(ckpt_dir)[:-cfg.checkpoint.keep or None]:
-        if not read_manifest(old).get("keep"):
-            shutil.rmtree(old)
-    return final
-
-
-def read_manifest(path):
-    try:
-        with open(os.path.join(path, "manifest.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def verify_checkpoint(path):
-    """Raise if a file listed in the manifest is missing, truncated or altered."""
-    manifest_path = os.path.join(path, "manifest.json")
-    try:
-        with open(manifest_path) as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{manifest_path}: unreadable manifest ({e})") from None
-    for name, want in files.items():
-        p = os.path.join(path, name)
-        if not os.path.exists(p):
-            raise ValueError(f"{p}: missing checkpoint file")
-        if os.path.getsize(p) != want["bytes"] or sha256(p) != want["sha256"]:
-            raise ValueError(f"{p}: size or sha256 differs from the manifest (corrupt or truncated)")
-
-
-def load_weights(model, path, grid=None):
-    """Copy a checkpoint's full weights into model, each rank taking its own shard."""
-    from safetensors.torch import load_file
-    grid = grid or parallel.Grid()
-    tensors = load_file(os.path.join(path, "model.safetensors"))
-    params = {n: p for n, p in model.named_parameters()}
-    missing = sorted(n for n in params if parallel.canonical(n, grid) not in tensors)
-    unexpected = sorted(set(tensors) - set(params)) if grid.tp * grid.pp == 1 else []
-    for what, names in (("missing", missing), ("unexpected", unexpected)):
-        if names:
-            raise ValueError(f"{path}/model.safetensors: {what} tensors {names[:5]}")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(parallel.local_slice(n, tensors[parallel.canonical(n, grid)], grid))
-
-
-def newest_good_checkpoint(ckpt_dir, before=None):
-    """The newest checkpoint (at a step <= before) whose files match its manifest; each one
-    skipped is reported by name and reason."""
-    for path in reversed(step_dirs(ckpt_dir)):
-        if before is not None and int(path.rsplit("_", 1)[1]) > before:
-            continue
-        try:
-            verify_checkpoint(path)
-            return path
-        except ValueError as e:
-            print(f"checkpoint {path} is unusable, skipping it: {e}", flush=True)
-    return None
-
-
-def resolve_resume(ckpt_dir, resume):
-    """--resume auto | latest | STEP | DIR -> a checkpoint directory, or None for a fresh start.
-    auto: the newest good checkpoint, or a fresh start when there is none (safe in a restart
-    loop); latest: the newest good one, an error when there is none."""
-    if resume is None:
-        return None
-    if resume in ("auto", "latest"):
-        path = newest_good_checkpoint(ckpt_dir)
-        if path is None and resume == "latest":
-            raise FileNotFoundError(f"--resume latest: no usable checkpoint in {ckpt_dir}")
-        return path
-    path = os.path.join(ckpt_dir, f"step_{int(resume):07d}") if resume.isdigit() else resume
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--resume {resume}: {path} does not exist")
-    return path
-
-
-def load_checkpoint(path, device="cpu"):
-    """(config, model with the checkpoint's weights) — what eval.py, align.py and infer.py
-    start from."""
-    verify_checkpoint(path)
-    cfg = load_config(os.path.join(path, "config.toml"))
-    with torch.device("meta"):  # no memory, no initialisation: the weights come next
-        model = Transformer(cfg.model)
-    model.to_empty(device=device)
-    load_weights(model, path)
-    return cfg, model
-
-
-# ----------------------------------------------------------------------------------------
 # Logging, device peaks, and the --estimate calculator
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (no sparsity); first match wins.
@@ -392,11 +73,9 @@ PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200
               ("4090", 165e12), ("3090", 71e12)]
 
 
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((f for key, f in PEAK_FLOPS if key in name), None)
+def peak_flops(gpu_name):
+    """The dense bf16 peak of a GPU by (part of) its name, or None when unknown."""
+    return next((f for key, f in PEAK_FLOPS if key.lower() in gpu_name.lower()), None)
 
 
 def fmt_time(s):
@@ -406,11 +85,9 @@ def fmt_time(s):
 class MetricsLog:
     """One line per interval on stdout and the same as JSON lines in metrics.jsonl."""
 
-    def __init__(self, run_dir, enabled, resume_step=None):
+    def __init__(self, run_dir, enabled):
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        if resume_step is not None:
-            self.rewind(resume_step)
 
     def rewind(self, step):
         """Drop the metrics past a checkpoint we go back to (resume, rollback): the run redoes
@@ -429,7 +106,8 @@ class MetricsLog:
 
 
 def estimate(cfg, gpu="H100", mfu=0.4, usd_per_hour=2.5):
-    """Size, compute, memory and cost of a config, printed before anything is spent."""
+    """Size, compute, memory and cost of a config, printed before anything is spent; the
+    figures are returned too."""
     with torch.device("meta"):
         model = Transformer(cfg.model)
     c, d, p = cfg.model, cfg.data, cfg.parallel
@@ -437,8 +115,7 @@ def estimate(cfg, gpu="H100", mfu=0.4, usd_per_hour=2.5):
     fpt = model.flops_per_token(d.seq_len)
     dp = max(p.dp, 1)
     tokens = cfg.optim.steps * d.seq_len * d.micro_batch * d.grad_accum * dp
-    total_flops = fpt * tokens
-    peak = next((f for key, f in PEAK_FLOPS if key.lower() in gpu.lower()), 989e12)
+    peak = peak_flops(gpu) or 989e12
     shard = p.tp * p.pp  # weights, grads and moments split across model-parallel ranks
     gib = 2 ** 30
     weights, grads = 4 * n_params / shard, 4 * n_params / shard  # fp32 master weights and grads
@@ -449,16 +126,17 @@ def estimate(cfg, gpu="H100", mfu=0.4, usd_per_hour=2.5):
     per_layer = (2 if p.recompute else 34) * d.seq_len * d.micro_batch * c.d_model / p.tp / p.cp
     acts = per_layer * c.n_layers / p.pp + 6 * d.seq_len * d.micro_batch * c.vocab_size / p.tp / p.cp
     gpus = dp * p.tp * p.pp * p.cp
-    hours = total_flops / (peak * mfu) / 3600
+    hours = fpt * tokens / (peak * mfu) / 3600
+    memory = weights + grads + adam + acts
     rows = [
         ("parameters", f"{n_params / 1e6:,.1f}M ({(n_params - n_embed) / 1e6:,.1f}M without the embedding)"),
         ("FLOPs per token", f"{fpt / 1e9:,.2f} GFLOP (6N + attention, seq_len {d.seq_len})"),
-        ("training tokens", f"{tokens / 1e9:,.3f}B ({cfg.optim.steps} steps x {tokens // max(cfg.optim.steps, 1):,})"),
-        ("training FLOPs", f"{total_flops:.3e}"),
+        ("training tokens", f"{tokens / 1e9:,.3f}B ({cfg.optim.steps} steps x {tokens // cfg.optim.steps:,})"),
+        ("training FLOPs", f"{fpt * tokens:.3e}"),
         ("compute-optimal", f"{20 * n_params / 1e9:,.2f}B tokens for this size, or {tokens / 20 / 1e6:,.1f}M params "
                             "for these tokens (20 tokens/param, Hoffmann et al. 2022)"),
         ("memory per GPU", f"weights {weights / gib:.2f} + grads {grads / gib:.2f} + AdamW {adam / gib:.2f} + "
-                           f"activations {acts / gib:.2f} = {(weights + grads + adam + acts) / gib:.2f} GiB"),
+                           f"activations {acts / gib:.2f} = {memory / gib:.2f} GiB"),
         ("GPU-hours", f"{hours:,.1f} on {gpu} at {mfu:.0%} MFU ({peak / 1e12:.0f} TFLOP/s peak); "
                       f"{hours / gpus:,.2f}h wall on {gpus} GPUs"),
         ("cost", f"${hours * usd_per_hour:,.0f} at ${usd_per_hour}/GPU-hour"),
@@ -466,51 +144,17 @@ def estimate(cfg, gpu="H100", mfu=0.4, usd_per_hour=2.5):
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    return {"params": n_params, "flops_per_token": fpt, "tokens": tokens, "memory_bytes": memory, "gpu_hours": hours}
 
 
 # ----------------------------------------------------------------------------------------
-# Surviving faults: background checkpoint writes, preemption signals, loss spikes
+# Surviving faults: preemption signals, loss spikes
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL, "try again": a restart loop or Slurm requeue resumes with --resume auto
 
 
 class Preempted(Exception):
     """Raised at a step boundary after a stop signal, once the checkpoint is on disk."""
-
-
-class CheckpointWriter:
-    """Runs checkpoint writes on a background thread from a CPU snapshot, so training goes
-    on while files are written; a new write (or the end of training) first waits for the
-    previous one. A failed write is reported, never silently lost; the checkpoints already
-    on disk are untouched because a write only becomes visible by its final rename."""
-
-    def __init__(self, asynchronous):
-        self.asynchronous, self.thread, self.error = asynchronous, None, None
-
-    def _run(self, write):
-        try:
-            write()
-        except Exception as e:  # reported by wait() to the training loop
-            self.error = e
-
-    def submit(self, write):
-        self.wait()
-        if self.asynchronous:
-            self.thread = threading.Thread(target=self._run, args=(write,), name="checkpoint-writer")
-            self.thread.start()
-        else:
-            self._run(write)
-
-    def busy(self):
-        return self.thread is not None and self.thread.is_alive()
-
-    def wait(self):
-        """Block until the write in flight is done; return its exception, if it failed."""
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        error, self.error = self.error, None
-        return error
 
 
 def catch_stop_signals():
@@ -556,14 +200,98 @@ class SpikeGuard:
 
 def world_max(flag, device):
     """The same decision on every rank: whether any rank raised its flag."""
+    if not dist.is_initialized():
+        return flag  # no collective, and no device sync, on one process
     t = torch.tensor([float(flag)], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
+def on_rank0(fn, master):
+    """fn() run on rank 0 only, its result (or the error it raised) on every rank."""
+    box = [None]
+    if master:
+        try:
+            box = [(fn(), None)]
+        except (ValueError, OSError) as e:
+            box = [(None, e)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error:
+        raise error
+    return result
+
+
 # ----------------------------------------------------------------------------------------
-# The training loop
+# Starting a run: the checks, the run directory, the model and its state
+
+def check_inputs(cfg):
+    """Fail before any training on data or benchmark files that cannot serve this config."""
+    shards = {"data.train": cfg.data.train, **({"data.val": cfg.data.val} if cfg.data.val else {})}
+    data.check_shards(shards, cfg.model.vocab_size)
+    if cfg.eval.every and cfg.eval.tasks:
+        evaluation.load_tasks(cfg.eval.tasks, cfg.eval.limit)
+
+
+def set_aside(path):
+    """Rename path out of the way (path.YYYYmmdd-HHMMSS); nothing is deleted."""
+    if os.path.exists(path):
+        aside = f"{path}.{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(path, aside)
+        print(f"moved {path} aside to {aside}", flush=True)
+
+
+def prepare_run_dir(cfg, ckpt_dir, resume, start_over):
+    """The checkpoint to resume from (None: a fresh start), once the run directory is fit for
+    it: a fresh start never mixes with an earlier run's metrics or checkpoints."""
+    for leftover in (n for n in os.listdir(ckpt_dir) if n.startswith(".tmp_")) if os.path.isdir(ckpt_dir) else ():
+        shutil.rmtree(os.path.join(ckpt_dir, leftover))  # a write cut short by a crash
+    start = checkpoint.resolve_resume(ckpt_dir, resume)
+    metrics = os.path.join(cfg.log.dir, "metrics.jsonl")
+    if start:
+        saved = load_config(os.path.join(start, "config.toml")).model
+        differ = [f"model.{k}: {getattr(saved, k)!r} in the checkpoint, {getattr(cfg.model, k)!r} now"
+                  for k in vars(saved) if getattr(saved, k) != getattr(cfg.model, k)]
+        if differ:
+            raise ConfigError(f"{start} holds another model: " + "; ".join(differ))
+    elif start_over:
+        for path in (metrics, os.path.join(cfg.log.dir, "report.md"), ckpt_dir):
+            set_aside(path)
+    elif resume == "auto":  # a restart loop's first attempt died before its first checkpoint
+        set_aside(metrics)
+    elif os.path.exists(metrics) or checkpoint.step_dirs(ckpt_dir):
+        raise ConfigError(f"{cfg.log.dir} already holds a run (metrics.jsonl or checkpoints in {ckpt_dir}): "
+                          "continue it with --resume auto, train into another log.dir, or pass --start-over "
+                          "to move the old run aside")
+    os.makedirs(cfg.log.dir, exist_ok=True)
+    with open(os.path.join(cfg.log.dir, "config.toml"), "w") as f:
+        f.write(to_toml(cfg))
+    return start
+
+
+@dataclass
+class Run:
+    """What the loop's functions share: built once by `start`; `step` and `counters` advance."""
+    cfg: Config
+    grid: parallel.Grid
+    device: torch.device
+    autocast: object
+    model: torch.nn.Module
+    dp: parallel.DataParallel
+    named: list              # (name, tensor) pairs the optimizer updates
+    optimizer: torch.optim.Optimizer
+    loader: data.Loader
+    val_loader: data.Loader | None
+    token_bytes: torch.Tensor
+    log: MetricsLog
+    writer: checkpoint.CheckpointWriter
+    ckpt_dir: str
+    master: bool
+    step: int = 0
+    counters: dict = field(default_factory=lambda: {"tokens": 0, "seconds": 0.0})
+    last_kept: float = field(default_factory=time.time)
+
 
 def setup_device(cfg, local_rank):
     t = cfg.train
@@ -575,33 +303,41 @@ def setup_device(cfg, local_rank):
     return device, autocast
 
 
-def build_model(cfg, grid, device):
-    """This rank's part of the model, with the weights the whole model would start from.
-    The model is built on the meta device (no memory) and cut to this rank's part; then
-    every parameter of the whole model is drawn in turn, whole, from one generator seeded
-    with data.seed, and this rank keeps its slice. So every layout starts from the same
-    weights as one process, and a rank holds one full tensor at a time, never the whole
-    model (an 8B model in fp32 would be 32 GB on every rank)."""
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    whole = [(name, p.shape) for name, p in model.named_parameters()]  # before parallelize cuts it
-    parallel.parallelize(model, grid, cfg.parallel)
-    model.to_empty(device=device)
-    mine = {parallel.canonical(name, grid): p for name, p in model.named_parameters()}
-    generator = torch.Generator(device).manual_seed(cfg.data.seed)
-    with torch.no_grad():
-        for name, shape in whole:
-            full = init_parameter(name, torch.empty(shape, device=device), cfg.model, generator)
-            if name in mine:
-                mine[name].copy_(parallel.local_slice(name, full, grid))
-    return model
+def start(cfg, resume=None, start_over=False):
+    """Everything a run needs, on this rank: the grid, the model (fresh from data.seed, or a
+    checkpoint's), data parallelism, the optimizer, the loaders and the log."""
+    rank, world, local_rank = parallel.init_distributed()
+    device, autocast = setup_device(cfg, local_rank)
+    d, master = cfg.data, rank == 0
+    grid = parallel.make_grid(cfg.parallel, cfg.model, d)
+    ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.log.dir, "checkpoints")
+    begin = on_rank0(partial(prepare_run_dir, cfg, ckpt_dir, resume, start_over), master)
+    model, dp, named, optimizer = build(cfg, grid, device, begin)
+    # Ranks of one data-parallel slot (tp, pp and cp peers) read the same sequences.
+    loader = data.Loader(d.train, d.seq_len, d.micro_batch, grid.dp_rank, grid.dp, d.seed)
+    val_loader = data.Loader(d.val, d.seq_len, d.micro_batch, grid.dp_rank, grid.dp, shuffle=False,
+                             key="data.val") if d.val else None
+    token_bytes = torch.tensor(data.token_byte_lengths(data.tokenizer_path(d.train)), device=device)
+    run = Run(cfg, grid, device, autocast, model, dp, named, optimizer, loader, val_loader, token_bytes,
+              MetricsLog(cfg.log.dir, master), checkpoint.CheckpointWriter(cfg.checkpoint.asynchronous), ckpt_dir,
+              master)
+    if begin:
+        restore(run, begin, weights=False)
+        run.log.rewind(run.step)
+    if master:
+        layout = f"dp{grid.dp} tp{grid.tp} pp{grid.pp} cp{grid.cp}" + (" sp" if grid.sequence_parallel else "") \
+            + (" zero1" if dp.zero else "")
+        print(f"model: {whole_model_size(cfg)[0] / 1e6:.2f}M parameters, {world} process(es) ({layout}) on "
+              f"{device}" + (f", resumed from {begin}" if begin else ""))
+    return run
 
 
-def build(cfg, grid, device):
-    """The model for this rank's part of the grid, its data parallelism and its optimizer:
+def build(cfg, grid, device, weights=None):
+    """This rank's part of the model (checkpoint.build_model: fresh from data.seed, or the
+    given checkpoint's weights), its data parallelism and its optimizer:
     (model, dp, [(name, tensor) the optimizer updates], optimizer)."""
     torch.manual_seed(cfg.data.seed)  # the global generator too: checkpoints save and resume its state
-    model = build_model(cfg, grid, device)
+    model = checkpoint.build_model(cfg, device, weights, grid)
     dp = parallel.DataParallel(model, grid, zero=cfg.parallel.zero == 1)
     named = dp.optimizer_params(model)
     if cfg.train.compile:
@@ -609,198 +345,192 @@ def build(cfg, grid, device):
     return model, dp, named, build_optimizer(named, cfg.optim, device)
 
 
-def train(cfg, resume=None):
-    rank, world, local_rank = parallel.init_distributed()
-    device, autocast = setup_device(cfg, local_rank)
-    d, o = cfg.data, cfg.optim
-    try:
-        grid = parallel.make_grid(cfg.parallel, cfg.model, d)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    master = rank == 0
-    run_dir = cfg.log.dir
-    ckpt_dir = cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints")
-    if master and os.path.isdir(ckpt_dir):
-        for leftover in (n for n in os.listdir(ckpt_dir) if n.startswith(".tmp_")):
-            shutil.rmtree(os.path.join(ckpt_dir, leftover))  # a write cut short by a crash
-    start = resolve_resume(ckpt_dir, resume) if master else None
-    if dist.is_initialized():  # rank 0 checked the files; everyone resumes from its choice
-        box = [start]
-        dist.broadcast_object_list(box, src=0)
-        start = box[0]
-
-    model, dp, named, optimizer = build(cfg, grid, device)
-    with torch.device("meta"):  # the whole model's size and FLOPs, whatever part this rank holds
+def whole_model_size(cfg):
+    """(parameters, training FLOPs per token) of the whole model, whatever part a rank holds."""
+    with torch.device("meta"):
         whole = Transformer(cfg.model)
-    n_params, flops_per_token = whole.num_params(), whole.flops_per_token(d.seq_len)
-    # Ranks of one data-parallel slot (tp, pp and cp peers) read the same sequences.
-    loader = data.Loader(d.train, d.seq_len, d.micro_batch, grid.dp_rank, grid.dp, d.seed)
-    val_loader = data.Loader(d.val, d.seq_len, d.micro_batch, grid.dp_rank, grid.dp, shuffle=False,
-                             key="data.val") if d.val else None
-    token_bytes = torch.tensor(data.token_byte_lengths(data.tokenizer_path(d.train)), device=device)
-    step, counters = 0, {"tokens": 0, "seconds": 0.0}
+    return whole.num_params(), whole.flops_per_token(cfg.data.seq_len)
 
-    def restore(path):
-        nonlocal step, counters
-        from safetensors.torch import load_file
-        load_weights(model, path, grid)
-        parallel.load_optimizer_state(optimizer, named, load_file(os.path.join(path, "optimizer.safetensors")),
-                                      grid, device)
-        with open(os.path.join(path, "state.json")) as f:
-            state = json.load(f)
-        step, counters = state["step"], state["counters"]
-        loader.load_state_dict(state["loader"])
-        torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
 
-    if start:
-        restore(start)
-    if master:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.toml"), "w") as f:
-            f.write(to_toml(cfg))
-        layout = f"dp{grid.dp} tp{grid.tp} pp{grid.pp} cp{grid.cp}" + (" sp" if grid.sequence_parallel else "") \
-            + (" zero1" if dp.zero else "")
-        print(f"model: {n_params / 1e6:.2f}M parameters, {world} process(es) ({layout}) on {device}"
-              + (f", resumed from {start}" if start else ""))
-    log = MetricsLog(run_dir, master, step if start else None)
-    tokens_per_step = d.seq_len * d.micro_batch * d.grad_accum * grid.dp
-    peak = peak_flops(device)
-    writer = CheckpointWriter(cfg.checkpoint.asynchronous)
-    guard = SpikeGuard(cfg.train)
-    stop, restore_signals = catch_stop_signals()
-    last_kept = time.time()
+def restore(run, path, weights=True):
+    """Put a checkpoint's weights (unless the model was just built from it), optimizer state,
+    step, counters, loader position and RNG state back into the run."""
+    if weights:
+        checkpoint.fill(run.model, checkpoint.file_source([os.path.join(path, "model.safetensors")]), run.grid)
+    checkpoint.load_optimizer_state(run.optimizer, run.named, path, run.grid)
+    state = checkpoint.read_state(path)
+    run.step, run.counters = state["step"], state["counters"]
+    run.loader.load_state_dict(state["loader"])
+    torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
 
-    def report_failed_write(block=False):
-        error = writer.wait() if block or not writer.busy() else None
-        if error:
-            log.write({"step": step, "event": "checkpoint_failed", "error": str(error)},
-                      f"step {step:>6} | checkpoint write FAILED, earlier checkpoints are intact: {error}")
 
-    def save():
-        """Snapshot the consolidated state to CPU memory (the only part training waits
-        for when asynchronous) and hand the write to the writer."""
-        nonlocal last_kept
-        t0 = time.perf_counter()
-        report_failed_write(block=True)  # one write in flight at a time
-        weights = parallel.full_tensors(dict(model.named_parameters()), grid)
-        moments = parallel.full_tensors(parallel.optimizer_state(optimizer, named, dp), grid)
-        state = {"step": step, "counters": dict(counters), "loader": loader.state_dict(),
-                 "rng": torch.get_rng_state().tolist()}
-        keep = cfg.checkpoint
-        permanent = bool(keep.keep_every and step % keep.keep_every == 0) or \
-            bool(keep.keep_hours and time.time() - last_kept >= keep.keep_hours * 3600)
-        last_kept = time.time() if permanent else last_kept
-        if master:
-            writer.submit(partial(save_checkpoint, ckpt_dir, step, weights, moments, state, cfg, permanent))
-        stall = time.perf_counter() - t0
-        log.write({"step": step, "event": "checkpoint", "stall_s": stall, "asynchronous": writer.asynchronous},
-                  f"step {step:>6} | checkpoint {'queued' if writer.asynchronous else 'written'}, "
+# ----------------------------------------------------------------------------------------
+# The loop and its parts
+
+def train_step(run, guard):
+    """One optimizer step: forward and backward over grad_accum micro-batches, the global
+    gradient norm and clipping, and the update unless the guard rejects it. Returns
+    (loss, grad_norm, the ids of the batches, verdict)."""
+    cfg = run.cfg
+    lr = lr_at(run.step, cfg.optim)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    batches, batch_ids = [], []
+    for _ in range(cfg.data.grad_accum):
+        batches.append(tuple(t.to(run.device, non_blocking=True) for t in run.loader.next_batch()))
+        batch_ids.append(run.loader.last_batch)
+    loss = parallel.forward_backward(run.model, run.grid, run.dp, batches, cfg.parallel, run.autocast)
+    grad_norm = parallel.clip_grad_norm(run.named, cfg.optim.clip, run.grid, run.dp.zero)
+    loss, grad_norm = loss.item(), float(grad_norm)  # the one host sync per step
+    verdict = guard.verdict(loss, grad_norm)
+    if verdict is None:
+        run.optimizer.step()
+        run.dp.after_step()
+        guard.accept(loss)
+    run.dp.zero_grad(run.model)
+    run.step += 1
+    return loss, grad_norm, batch_ids, verdict
+
+
+def log_step(run, loss, grad_norm, dt, tokens_per_step, flops_per_token, peak):
+    cfg, step = run.cfg, run.step
+    rec = {"step": step, "loss": loss, "lr": lr_at(step - 1, cfg.optim), "grad_norm": grad_norm,
+           "tokens_per_s": tokens_per_step / dt, "tokens": run.counters["tokens"], "elapsed_s": run.counters["seconds"]}
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    mfu = f" | mfu {flops_per_token * tokens_per_step / dt / (peak * world):.1%}" if peak else ""
+    eta = fmt_time(run.counters["seconds"] / step * (cfg.optim.steps - step))
+    run.log.write(rec, f"step {step:>6}/{cfg.optim.steps} | loss {loss:.4f} | lr {rec['lr']:.2e} | grad "
+                       f"{grad_norm:.3f} | {rec['tokens_per_s'] / 1e3:.1f}k tok/s{mfu} | eta {eta}")
+
+
+def validate(run):
+    """Validation loss and bits per byte on the same val_batches windows every time."""
+    if not run.val_loader:
+        return
+    run.val_loader.load_state_dict({**run.val_loader.state_dict(), "epoch": 0, "pos": 0})
+    loss, bpb = evaluation.loss_and_bpb(
+        lambda x, y: parallel.forward_backward(run.model, run.grid, run.dp, [(x, y)], run.cfg.parallel,
+                                               run.autocast, backward=False),
+        run.val_loader, run.cfg.eval.val_batches, run.token_bytes, run.grid.groups.get("dp"))
+    run.log.write({"step": run.step, "val_loss": loss, "val_bpb": bpb},
+                  f"step {run.step:>6} | val loss {loss:.4f} | val bpb {bpb:.4f}")
+
+
+def benchmark(run):
+    """eval.py's benchmarks on a whole copy of the model, on rank 0."""
+    weights = parallel.full_tensors(dict(run.model.named_parameters()), run.grid)
+    if run.master:
+        tokenizer = data.tokenizer_path(run.cfg.data.train)
+        run.log.write(*evaluation.monitor(run.cfg.eval, tokenizer, run.cfg, weights, run.step, run.device,
+                                          run.autocast))
+
+
+def save(run):
+    """Snapshot the consolidated state to CPU memory (the only part training waits for when
+    asynchronous) and hand the write to the writer."""
+    t0 = time.perf_counter()
+    report_failed_write(run, block=True)  # one write in flight at a time
+    weights = parallel.full_tensors(dict(run.model.named_parameters()), run.grid)
+    moments = parallel.full_tensors(parallel.optimizer_state(run.optimizer, run.named, run.dp), run.grid)
+    state = {"step": run.step, "counters": dict(run.counters), "loader": run.loader.state_dict(),
+             "rng": torch.get_rng_state().tolist()}
+    keep = run.cfg.checkpoint
+    permanent = bool(keep.keep_every and run.step % keep.keep_every == 0) or \
+        bool(keep.keep_hours and time.time() - run.last_kept >= keep.keep_hours * 3600)
+    run.last_kept = time.time() if permanent else run.last_kept
+    if run.master:
+        run.writer.submit(partial(checkpoint.save_checkpoint, run.ckpt_dir, run.step, weights, moments, state,
+                                  run.cfg, permanent))
+    stall = time.perf_counter() - t0
+    run.log.write({"step": run.step, "event": "checkpoint", "stall_s": stall, "asynchronous": run.writer.asynchronous},
+                  f"step {run.step:>6} | checkpoint {'queued' if run.writer.asynchronous else 'written'}, "
                   f"training stalled {stall:.2f}s")
 
-    def validate():
-        if not val_loader:
-            return
-        val_loader.load_state_dict({**val_loader.state_dict(), "epoch": 0, "pos": 0})  # the same windows each time
-        loss, bpb = evaluation.loss_and_bpb(
-            lambda x, y: parallel.forward_backward(model, grid, dp, [(x, y)], cfg.parallel, autocast, backward=False),
-            val_loader, cfg.eval.val_batches, token_bytes, grid.groups.get("dp"))
-        log.write({"step": step, "val_loss": loss, "val_bpb": bpb},
-                  f"step {step:>6} | val loss {loss:.4f} | val bpb {bpb:.4f}")
 
-    def roll_back(bad_batches):
-        writer.wait()
-        path = newest_good_checkpoint(ckpt_dir, before=step) if master else None
-        if dist.is_initialized():
-            box = [path]
-            dist.broadcast_object_list(box, src=0)
-            path = box[0]
-        if path is None:
-            log.write({"step": step, "event": "rollback_impossible"},
-                      f"step {step:>6} | {guard.in_a_row} bad steps in a row, no checkpoint to roll back to")
-            return
-        skip = loader.skip | set(bad_batches)
-        from_step = step
-        restore(path)
-        loader.skip |= skip  # replay from the checkpoint without the batches that caused the spikes
-        log.rewind(step)
-        log.write({"step": step, "event": "rollback", "from_step": from_step, "skipped_batches": sorted(skip)},
-                  f"step {step:>6} | rolled back from step {from_step} to {path}, "
+def report_failed_write(run, block=False):
+    error = run.writer.wait() if block or not run.writer.busy() else None
+    if error:
+        run.log.write({"step": run.step, "event": "checkpoint_failed", "error": str(error)},
+                      f"step {run.step:>6} | checkpoint write FAILED, earlier checkpoints are intact: {error}")
+
+
+def roll_back(run, bad_batches):
+    """Back to the newest good checkpoint, replaying from there without the bad batches."""
+    run.writer.wait()
+    path = on_rank0(partial(checkpoint.newest_good_checkpoint, run.ckpt_dir, before=run.step), run.master)
+    if path is None:
+        run.log.write({"step": run.step, "event": "rollback_impossible"},
+                      f"step {run.step:>6} | {len(bad_batches)} bad steps in a row, no checkpoint to roll back to")
+        return
+    skip, from_step = run.loader.skip | set(bad_batches), run.step
+    restore(run, path)
+    run.loader.skip |= skip
+    run.log.rewind(run.step)
+    run.log.write({"step": run.step, "event": "rollback", "from_step": from_step, "skipped_batches": sorted(skip)},
+                  f"step {run.step:>6} | rolled back from step {from_step} to {path}, "
                   f"skipping {len(skip)} batch(es) from now on")
 
+
+def preempt(run, signal_name):
+    """Checkpoint, wait for the write, and leave with EXIT_PREEMPTED."""
+    save(run)
+    error = run.writer.wait()
+    run.log.write({"step": run.step, "event": "preempted", "signal": signal_name,
+                   "checkpoint_error": str(error) if error else None},
+                  f"step {run.step:>6} | {signal_name}: checkpointed, exiting with code {EXIT_PREEMPTED}")
+    raise Preempted(signal_name)
+
+
+def train(cfg, resume=None, start_over=False):
+    run = start(cfg, resume, start_over)
+    o, every = cfg.optim, lambda n: n and run.step % n == 0 and run.step < o.steps
+    n_params, flops_per_token = whole_model_size(cfg)
+    grid, d = run.grid, cfg.data
+    tokens_per_step = d.seq_len * d.micro_batch * d.grad_accum * grid.dp
+    peak = peak_flops(torch.cuda.get_device_name(run.device)) if run.device.type == "cuda" else None
+    guard, (stop, restore_signals) = SpikeGuard(cfg.train), catch_stop_signals()
     try:
-        bad_batches = []
-        while step < o.steps:
-            if world_max("signal" in stop, device) if world > 1 else "signal" in stop:
-                save()
-                error = writer.wait()
-                log.write({"step": step, "event": "preempted", "signal": stop.get("signal", "peer"),
-                           "checkpoint_error": str(error) if error else None},
-                          f"step {step:>6} | {stop.get('signal', 'a peer rank was signalled')}: checkpointed, "
-                          f"exiting with code {EXIT_PREEMPTED}")
-                raise Preempted(stop.get("signal", "peer"))
+        bad_batches = []  # of the skipped steps since the last applied update
+        while run.step < o.steps:
+            if world_max("signal" in stop, run.device):
+                preempt(run, stop.get("signal", "a peer rank's signal"))
             t0 = time.perf_counter()
-            lr = lr_at(step, o)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batches, batch_ids = [], []
-            for _ in range(d.grad_accum):
-                batches.append(tuple(t.to(device, non_blocking=True) for t in loader.next_batch()))
-                batch_ids.append(loader.last_batch)
-            loss = parallel.forward_backward(model, grid, dp, batches, cfg.parallel, autocast)
-            grad_norm = parallel.clip_grad_norm(named, o.clip, grid, dp.zero)
-            loss, grad_norm = loss.item(), float(grad_norm)  # the one host sync per step
-            verdict = guard.verdict(loss, grad_norm)
-            if verdict is None:
-                optimizer.step()
-                dp.after_step()
-                guard.accept(loss)
-                bad_batches = []
-            dp.zero_grad(model)
-            step += 1
+            loss, grad_norm, batch_ids, verdict = train_step(run, guard)
             dt = time.perf_counter() - t0
-            counters["tokens"] += tokens_per_step
-            counters["seconds"] += dt
+            run.counters["tokens"] += tokens_per_step
+            run.counters["seconds"] += dt
             if verdict:
                 bad_batches += batch_ids
-                log.write({"step": step, "event": f"skip_{verdict}", "loss": loss, "grad_norm": grad_norm,
-                           "batches": batch_ids},
-                          f"step {step:>6} | skipped the update: {verdict} loss {loss:.4f}, grad {grad_norm:.3f}, "
-                          f"batches {batch_ids}")
+                run.log.write({"step": run.step, "event": f"skip_{verdict}", "loss": loss, "grad_norm": grad_norm,
+                               "batches": batch_ids}, f"step {run.step:>6} | skipped the update: {verdict} loss "
+                                                      f"{loss:.4f}, grad {grad_norm:.3f}, batches {batch_ids}")
                 if guard.reject():
-                    roll_back(bad_batches)
+                    roll_back(run, bad_batches)
                     guard.in_a_row, bad_batches = 0, []
                 continue
-            if step % cfg.log.every == 0 or step == o.steps:
-                rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                       "tokens_per_s": tokens_per_step / dt, "tokens": counters["tokens"],
-                       "elapsed_s": counters["seconds"]}
-                mfu = f" | mfu {flops_per_token * tokens_per_step / dt / (peak * world):.1%}" if peak else ""
-                eta = fmt_time(counters["seconds"] / step * (o.steps - step))
-                log.write(rec, f"step {step:>6}/{o.steps} | loss {loss:.4f} | lr {lr:.2e} | grad {grad_norm:.3f} "
-                               f"| {rec['tokens_per_s'] / 1e3:.1f}k tok/s{mfu} | eta {eta}")
-            if cfg.eval.val_every and step % cfg.eval.val_every == 0 and step < o.steps:
-                validate()
-            if cfg.eval.every and step % cfg.eval.every == 0:  # benchmarks (eval.py) on a whole copy, on rank 0
-                weights = parallel.full_tensors(dict(model.named_parameters()), grid)
-                if master:
-                    log.write(*evaluation.monitor(cfg.eval, data.tokenizer_path(d.train), cfg.model, weights, step,
-                                                  device, autocast))
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < o.steps:
-                save()
-            report_failed_write()
-        validate()
-        save()
-        error = writer.wait()
+            bad_batches = []
+            if run.step % cfg.log.every == 0 or run.step == o.steps:
+                log_step(run, loss, grad_norm, dt, tokens_per_step, flops_per_token, peak)
+            if every(cfg.eval.val_every):
+                validate(run)
+            if cfg.eval.every and run.step % cfg.eval.every == 0:
+                benchmark(run)
+            if every(cfg.checkpoint.every):
+                save(run)
+            report_failed_write(run)
+        validate(run)
+        save(run)
+        error = run.writer.wait()
         if error:
             raise RuntimeError(f"the final checkpoint could not be written: {error}") from error
     finally:
         restore_signals()
-        writer.wait()
-    if master:
+        run.writer.wait()
+    if run.master:
         write_report(cfg, n_params)
     if dist.is_initialized():
         dist.barrier()
-    return model
+    return run.model
 
 
 def write_report(cfg, n_params):
@@ -808,7 +538,7 @@ def write_report(cfg, n_params):
     alignment, inference) append their own sections."""
     with open(os.path.join(cfg.log.dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    train_recs = [r for r in records if "loss" in r]
+    train_recs = [r for r in records if "loss" in r and "event" not in r]
     val_recs = [r for r in records if "val_loss" in r]
     stats_path = os.path.join(os.path.dirname(data.find_shards(cfg.data.train)[0]), "stats.json")
     lines = ["# Run report", "", f"Run directory `{cfg.log.dir}`, {time.strftime('%Y-%m-%d %H:%M')}.", ""]
@@ -842,6 +572,8 @@ def main(argv=None):
     p.add_argument("--resume", nargs="?", const="latest",
                    help="auto (newest good checkpoint, or a fresh start: safe in a restart loop), latest (default; "
                         "an error if there is none), a step number, or a directory")
+    p.add_argument("--start-over", action="store_true",
+                   help="train afresh into a log.dir that holds a run, moving its metrics and checkpoints aside")
     p.add_argument("--estimate", action="store_true", help="print size, FLOPs, memory and cost, then exit")
     p.add_argument("--gpu", default="H100")
     p.add_argument("--mfu", type=float, default=0.4)
@@ -850,17 +582,19 @@ def main(argv=None):
     try:
         cfg = load_config(args.config, args.set)
         if args.estimate:
-            return estimate(cfg, args.gpu, args.mfu, args.usd_per_hour)
-        check_data_paths(cfg)
-    except (ValueError, FileNotFoundError) as e:  # ConfigError, a bad shard or task file
-        sys.exit(f"error: {e}")
-    try:
-        train(cfg, args.resume)
+            estimate(cfg, args.gpu, args.mfu, args.usd_per_hour)
+            return
+        check_inputs(cfg)
+        train(cfg, args.resume, args.start_over)
     except Preempted:
         sys.exit(EXIT_PREEMPTED)
+    except (ValueError, OSError) as e:  # bad input: one line, once, naming what to fix
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     finally:
         if dist.is_initialized():
-            gc.collect()  # free the model's cycles (hooks, partials) that hold gloo/NCCL groups first
+            gc.collect()  # free the model's cycles (gradient hooks, partials) that hold gloo/NCCL groups first
             dist.destroy_process_group()
 
 

@@ -1,4 +1,4 @@
-"""Host memory and time to build one rank's part of a model: train.build_model (meta device,
+"""Host memory and time to build one rank's part of a model: checkpoint.build_model (meta device,
 then one whole tensor at a time) against building the whole model and cutting it.
 
     python bench/build_model.py [--config configs/llama-1b.toml] [--tp 1] [--pp 4] [--rank 0]
@@ -21,17 +21,19 @@ sys.path.insert(0, ROOT)
 def build(args):
     import torch
 
+    import checkpoint
     import parallel
-    import train
-    cfg = train.load_config(args.config, [f"parallel.tp={args.tp}", f"parallel.pp={args.pp}", "parallel.dp=1",
-                                          "parallel.cp=1"])
+    from config import load_config
+    from model import Transformer
+    cfg = load_config(args.config, [f"parallel.tp={args.tp}", f"parallel.pp={args.pp}", "parallel.dp=1",
+                                    "parallel.cp=1"])
     grid = parallel.Grid(tp=args.tp, pp=args.pp, tp_rank=args.rank % args.tp, pp_rank=args.rank // args.tp)
     start = time.perf_counter()
     if args.way == "build_model":
-        model = train.build_model(cfg, grid, torch.device("cpu"))
+        model = checkpoint.build_model(cfg, torch.device("cpu"), grid=grid)
     else:
         torch.manual_seed(cfg.data.seed)
-        model = train.Transformer(cfg.model)
+        model = Transformer(cfg.model)
         parallel.parallelize(model, grid, cfg.parallel)
     seconds = time.perf_counter() - start
     held = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30

@@ -17,10 +17,11 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
+from config import config_from_dict  # noqa: E402
 
 
 def run(args, asynchronous, out_dir):
-    cfg = train.config_from_dict({
+    cfg = config_from_dict({
         "model": dict(vocab_size=32000, d_model=args.d_model, n_layers=args.layers, n_heads=args.d_model // 64,
                       n_kv_heads=args.d_model // 64, max_seq_len=args.seq),
         "data": dict(train=args.data, seq_len=args.seq, micro_batch=1),

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import parallel  # noqa: E402
 import train  # noqa: E402
-from model import Transformer  # noqa: E402
+from config import load_config  # noqa: E402
 
 
 def main():
@@ -29,15 +29,13 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     args = p.parse_args()
-    cfg = train.load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set)
     rank, world, local_rank = parallel.init_distributed()
     device, autocast = train.setup_device(cfg, local_rank)
     d = cfg.data
     grid = parallel.make_grid(cfg.parallel, cfg.model, d)
     model, dp, named, optimizer = train.build(cfg, grid, device)
-    with torch.device("meta"):
-        whole = Transformer(cfg.model)
-    n_params, fpt = whole.num_params(), whole.flops_per_token(d.seq_len)
+    n_params, fpt = train.whole_model_size(cfg)
     times = []
     for step in range(args.warmup + args.steps):
         batches = [(torch.randint(0, cfg.model.vocab_size, (d.micro_batch, d.seq_len), device=device),) * 2
@@ -56,7 +54,7 @@ def main():
             times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
     tokens = d.seq_len * d.micro_batch * d.grad_accum * grid.dp
-    peak = train.peak_flops(device)
+    peak = train.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     if rank == 0:
         name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
         mem = f", peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""

@@ -145,8 +145,9 @@ def main():
     p.add_argument("--max-mb", type=float, default=6.0, help="each corpus is cut to this size")
     p.add_argument("--tasks", help="eval.py task spec (default: the ../shared/data benchmarks)")
     args = p.parse_args()
+    import checkpoint
     import eval as evaluation
-    import train
+    from config import load_config
     os.chdir(ROOT)
     out = args.out
     os.makedirs(out, exist_ok=True)
@@ -174,7 +175,7 @@ def main():
                 + [arg for s in sets for arg in ("--set", s)])
 
     # 3. The curves side by side, each corpus's signal report, and bits per byte across domains.
-    ecfg = train.load_config("configs/ablation.toml").eval
+    ecfg = load_config("configs/ablation.toml").eval
     metric = evaluation.HEADLINE[ecfg.mode]
     runs = {c: [curves(f"{out}/{c}_seed{s}") for s in args.seeds] for c in corpora}
     for key in sorted(runs["code"][0]):
@@ -189,7 +190,7 @@ def main():
         print(f"\nsignal report, {c} ({len(args.seeds)} seeds)\n" + evaluation.signal_table(report))
     print(f"\nbits per byte on each validation set (rows: trained on)\n{'':>6} " + " ".join(f"{c:>8}" for c in corpora))
     for c in corpora:
-        _, model = train.load_checkpoint(train.step_dirs(f"{out}/{c}_seed{args.seeds[0]}/checkpoints")[-1])
+        _, model = checkpoint.load_model(checkpoint.step_dirs(f"{out}/{c}_seed{args.seeds[0]}/checkpoints")[-1])
         bpb = [evaluation.shards_bpb(model, f"{out}/tokens_{v}/val_*.bin", batches=8)["bpb"] for v in corpora]
         print(f"{c:>6} " + " ".join(f"{b:>8.3f}" for b in bpb))
     if tasks:

@@ -37,7 +37,7 @@ def tokens_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_config(tokens_dir, tmp_path):
     """A Config for a ~100k-parameter model on the session's shards, with overrides."""
-    import train
+    from config import config_from_dict
 
     def make(**sections):
         d = {"model": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64),
@@ -49,7 +49,7 @@ def tiny_config(tokens_dir, tmp_path):
              "checkpoint": dict(every=0, keep=5)}
         for name, values in sections.items():
             d.setdefault(name, {}).update(values)
-        return train.config_from_dict(d)
+        return config_from_dict(d)
     return make
 
 

@@ -11,8 +11,10 @@ import pytest
 import torch
 from conftest import ROOT, spawn, train_command
 
+from config import to_toml
+import checkpoint
 import data
-import parallel
+import model
 import train
 
 STEPS = 30
@@ -35,7 +37,7 @@ def config(tiny_config, tmp_path, name, nproc, **sections):
     sections["log"] = {"dir": str(tmp_path / name), "every": 1}
     cfg = tiny_config(**sections)
     path = tmp_path / f"{name}.toml"
-    path.write_text(train.to_toml(cfg))
+    path.write_text(to_toml(cfg))
     return cfg, path
 
 
@@ -106,7 +108,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(nproc, straight, tiny_
     (preempted,) = events(cfg.log.dir, "preempted")
     assert preempted["signal"] == "SIGTERM" and preempted["checkpoint_error"] is None
     ckpt = os.path.join(cfg.log.dir, "checkpoints", f"step_{preempted['step']:07d}")
-    train.verify_checkpoint(ckpt)
+    checkpoint.verify_checkpoint(ckpt)
     assert preempted["step"] < STEPS
     run(path, nproc, "--resume", "auto")
     got = losses(cfg.log.dir)
@@ -136,7 +138,7 @@ def test_corrupt_and_truncated_checkpoints_are_named_and_skipped(nproc, straight
     assert all(got[s] == want[s] for s in range(5, STEPS + 1))
 
 
-def failing_sha256(step, real=train.sha256):
+def failing_sha256(step, real=checkpoint.sha256):
     """sha256 that fails for the files of one checkpoint: its writer dies part-way, after the
     tensors are written and before the manifest."""
     def sha256(path):
@@ -147,7 +149,7 @@ def failing_sha256(step, real=train.sha256):
 
 
 def _train_with_failing_write(cfg):
-    train.sha256 = failing_sha256(8)
+    checkpoint.sha256 = failing_sha256(8)
     train.train(cfg)
 
 
@@ -155,14 +157,14 @@ def _train_with_failing_write(cfg):
 def test_failed_write_keeps_earlier_checkpoints_and_is_reported(nproc, tiny_config, tmp_path, monkeypatch):
     cfg, _ = config(tiny_config, tmp_path, "diskfull", nproc, optim=dict(steps=14))
     if nproc == 1:
-        monkeypatch.setattr(train, "sha256", failing_sha256(8))
+        monkeypatch.setattr(checkpoint, "sha256", failing_sha256(8))
         train.train(cfg)
     else:
         spawn(2, _train_with_failing_write, cfg)
     ckpts = os.path.join(cfg.log.dir, "checkpoints")
     assert not os.path.exists(os.path.join(ckpts, "step_0000008"))
     for step in (4, 12, 14):
-        train.verify_checkpoint(os.path.join(ckpts, f"step_{step:07d}"))
+        checkpoint.verify_checkpoint(os.path.join(ckpts, f"step_{step:07d}"))
     (failed,) = events(cfg.log.dir, "checkpoint_failed")
     assert failed["step"] >= 8 and "No space left on device" in failed["error"]
     assert max(losses(cfg.log.dir)) == 14
@@ -175,27 +177,31 @@ POISON = {(0, 6 * 4): "nan", (0, 12 * 4): "spike", (0, 13 * 4): "spike", (0, 14 
 
 
 def _poisoned_train(cfg):
-    """Batches at the POISON positions (epoch, window) make the loss NaN or 20x higher."""
-    next_batch = data.Loader.next_batch
+    """Batches at the POISON positions (epoch, window) are filled with token 0 or 1. The
+    embedding of an all-0 batch is NaN, so its loss and every gradient are (as after a
+    corrupt sample or an overflow); an all-1 batch's final hidden states are scaled by 30,
+    so its loss is a real spike, backpropagated like any other."""
+    next_batch, embed, head = data.Loader.next_batch, torch.nn.Embedding.forward, model.LMHead.forward
+    seen = {}
 
     def poisoned_next_batch(self):
         x, y = next_batch(self)
         kind = POISON.get(self.last_batch)
         return (x.fill_(0) if kind == "nan" else x.fill_(1) if kind == "spike" else x), y
 
-    forward_backward = parallel.forward_backward
+    def poisoned_embed(self, ids):
+        seen["kind"] = "nan" if bool((ids == 0).all()) else "spike" if bool((ids == 1).all()) else None
+        return embed(self, ids) * (float("nan") if seen["kind"] == "nan" else 1.0)
 
-    def poisoned_forward_backward(model, grid, dp, batches, *args, **kw):
-        loss = forward_backward(model, grid, dp, batches, *args, **kw)
-        nan, spike = (any(bool((x == v).all()) for x, _ in batches) for v in (0, 1))
-        return loss * float("nan") if nan else loss * 20 if spike else loss
+    def poisoned_head(self, h, targets=None, ignore_index=-100):
+        return head(self, h * 30 if seen.get("kind") == "spike" else h, targets, ignore_index)
 
-    data.Loader.next_batch = poisoned_next_batch
-    parallel.forward_backward = poisoned_forward_backward
+    data.Loader.next_batch, torch.nn.Embedding.forward, model.LMHead.forward = \
+        poisoned_next_batch, poisoned_embed, poisoned_head
     try:
         train.train(cfg)
     finally:
-        data.Loader.next_batch, parallel.forward_backward = next_batch, forward_backward
+        data.Loader.next_batch, torch.nn.Embedding.forward, model.LMHead.forward = next_batch, embed, head
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -216,6 +222,9 @@ def test_nan_is_skipped_and_spikes_roll_back_once(nproc, tiny_config, tmp_path):
     assert rollback["skipped_batches"] == [[0, 48], [0, 52], [0, 56]]
     final = losses(cfg.log.dir)
     assert max(final) == 24 and all(torch.isfinite(torch.tensor(v)) for v in final.values())
+    assert nan["loss"] != nan["loss"] and spikes[0]["loss"] > 3 * final[12]  # a real NaN, a real spike
+    _, weights = checkpoint.load_model(checkpoint.step_dirs(os.path.join(cfg.log.dir, "checkpoints"))[-1])
+    assert all(bool(p.isfinite().all()) for p in weights.parameters())  # the NaN gradients never landed
 
 
 # ----------------------------------------------------------------------------------------

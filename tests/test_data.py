@@ -94,3 +94,27 @@ def test_token_byte_lengths_count_the_bytes_of_the_text(tokens_dir):
     ids = tok.encode("<|bos|>" + text).ids
     assert ids[0] == tok.token_to_id("<|bos|>") and lengths[ids[0]] == 0
     assert sum(lengths[i] for i in ids) == len(text.encode())
+
+
+def test_token_byte_lengths_of_a_sentencepiece_style_vocabulary(tmp_path):
+    """Llama-2-style: "\u2581" stands for a space, <0xNN> byte-fallback tokens for one byte each of
+    characters outside the vocabulary, and a special token past the base vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    pieces = ["<unk>"] + [f"<0x{b:02X}>" for b in range(256)] + ["\u2581"] + list("abcdefghijklmnopqrstuvwxyz.")
+    vocab = {p: i for i, p in enumerate(pieces + ["\u2581t", "\u2581th", "\u2581the"])}
+    merges = [("\u2581", "t"), ("\u2581t", "h"), ("\u2581th", "e")]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(["<|bos|>"])
+    path = str(tmp_path / "tokenizer.json")
+    tok.save(path)
+    lengths = data.token_byte_lengths(path)
+    assert len(lengths) == len(vocab) + 1 and lengths[tok.token_to_id("<|bos|>")] == 0
+    text = "the cat ate the naïve café.\nthe end"
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert tok.token_to_id("<0xC3>") in ids  # ï and é went through byte fallback
+    assert tok.decode(ids) == text
+    # The first token's "\u2581" is the space prepended to the text, which stands for no byte of it.
+    assert sum(lengths[i] for i in ids) - 1 == len(text.encode())

@@ -1,12 +1,14 @@
 import json
 import math
 import os
+import re
 import statistics
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import data
 import eval as evaluation
 from conftest import SHARED_DATA
@@ -290,11 +292,10 @@ def test_fewshot_prompts_are_fixed_by_seed_and_never_show_the_question():
 
 
 def test_transformers_scores_equal_ours(model, tok, tmp_path):
-    """The model exported with model.save_hf and run by transformers' LlamaForCausalLM scores
+    """The model exported with checkpoint.save_hf and run by transformers' LlamaForCausalLM scores
     every choice the same."""
     transformers = pytest.importorskip("transformers")
-    import model as model_py
-    model_py.save_hf(model, str(tmp_path / "hf"))
+    checkpoint.save_hf(model, str(tmp_path / "hf"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), torch_dtype=torch.float32).eval()
     task = Task("t", EXAMPLES, EXAMPLES)
     for mode in ("pmi", "letter"):
@@ -356,19 +357,41 @@ def test_cli_writes_results_json_and_table(tiny_config, tmp_path, capsys):
     import train
     cfg = tiny_config(optim=dict(steps=2))
     train.train(cfg)
-    ckpt = train.step_dirs(os.path.join(cfg.log.dir, "checkpoints"))[-1]
+    ckpt = checkpoint.step_dirs(os.path.join(cfg.log.dir, "checkpoints"))[-1]
     (tmp_path / "page.txt").write_text("The json module encodes and decodes JSON documents. " * 10)
     evaluation.main(["--checkpoint", ckpt, "--tasks", task_spec(tmp_path), "--mode", "pmi", "--shots", "1",
                      "--text", str(tmp_path / "page.txt"), "--report", str(tmp_path / "report.md")])
     out = capsys.readouterr().out
     results = json.load(open(os.path.join(ckpt, "eval.json")))
     assert [r["task"] for r in results["tasks"]] == ["hellaswag", "winogrande", "custom"]
-    assert all(r["n"] == 2 and r["shots"] == 1 and 0 <= r["acc_pmi"] <= 1 for r in results["tasks"])
+    _, model = checkpoint.load_model(ckpt)
+    tok = evaluation.load_tokenizer(os.path.join(ckpt, "tokenizer.json"))
+    for r, task in zip(results["tasks"], evaluation.load_tasks(task_spec(tmp_path))):
+        assert r["n"] == 2 and r["shots"] == 1
+        assert r["acc_pmi"] == evaluation.evaluate_task(model, tok, task, "pmi", shots=1)["acc_pmi"]
     assert "| winogrande | pmi | 1 | 2 |" in out and "bits per byte" in out
     assert results["text"][str(tmp_path / "page.txt")]["bpb"] > 0
     assert "## Evaluation" in (tmp_path / "report.md").read_text()
     with pytest.raises(SystemExit, match="missing field"):
         evaluation.main(["--checkpoint", ckpt, "--tasks", f"piqa={write_format(tmp_path, 'custom', drop='gold')}"])
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'latin1.txt'}: not UTF-8 text"):
+        evaluation.main(["--checkpoint", ckpt, "--text", str(tmp_path / "latin1.txt")])
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'nope'}: no such checkpoint directory"):
+        evaluation.main(["--checkpoint", str(tmp_path / "nope"), "--text", str(tmp_path / "page.txt")])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "no examples"),
+    ('{"context": "a", "choices": "bc", "gold": 0}\n', "choices must be a list of texts, got str"),
+    ('{"context": "a", "choices": ["b", "c"], "gold": 1.5}\n', "gold answer 1.5 is not a whole number"),
+    ('{"context": "a", "choices": ["b", "c"], "gold": true}\n', "gold answer True is not a whole number"),
+])
+def test_malformed_task_files_are_named(tmp_path, text, message):
+    path = tmp_path / "t.jsonl"
+    path.write_text(text)
+    with pytest.raises(evaluation.TaskFormatError, match=re.escape(message)):
+        evaluation.load_task("custom", str(path))
 
 
 def test_training_logs_benchmarks_every_eval_every_steps(tiny_config, tmp_path, tok):
@@ -379,7 +402,7 @@ def test_training_logs_benchmarks_every_eval_every_steps(tiny_config, tmp_path, 
         evals = [r for r in map(json.loads, f) if "eval/hellaswag_acc_norm" in r]
     assert [r["step"] for r in evals] == [2, 4]
     assert {"eval/winogrande_acc", "eval/custom_acc_token"} <= evals[-1].keys()
-    _, final = train.load_checkpoint(train.step_dirs(os.path.join(cfg.log.dir, "checkpoints"))[-1])
+    _, final = checkpoint.load_model(checkpoint.step_dirs(os.path.join(cfg.log.dir, "checkpoints"))[-1])
     for task in evaluation.load_tasks(cfg.eval.tasks, 2):  # the logged score is the final model's score
         assert evals[-1][f"eval/{task.name}_acc_norm"] == evaluation.evaluate_task(final, tok, task)["acc_norm"]
 
@@ -413,9 +436,12 @@ def test_signal_cli_over_checkpoints_of_two_seeds(tiny_config, tmp_path, capsys)
     evaluation.main(["--signal", *runs, "--tasks", task_spec(tmp_path), "--out", str(tmp_path / "signal.json")])
     report = json.load(open(tmp_path / "signal.json"))["signal"]
     assert set(report) == {"hellaswag", "winogrande", "custom"}
-    for s in report.values():
+    for task, s in report.items():
         assert {run: [step for step, _ in c] for run, c in s["curves"].items()} == {r: [2, 4] for r in runs}
-        assert -1 <= s["monotonicity"] <= 1 and s["random"] in (0.25, 0.5)
+        # Two points per run: Spearman is +1 when the score rose, -1 when it fell, 0 when flat.
+        signs = [(b > a) - (b < a) for (_, a), (_, b) in s["curves"].values()]
+        assert s["monotonicity"] == pytest.approx(sum(signs) / 2)
+        assert s["random"] == {"hellaswag": 0.25, "winogrande": 0.5, "custom": 0.5}[task]  # 1 / choices
     assert "| hellaswag |" in capsys.readouterr().out
 
 

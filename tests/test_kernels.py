@@ -166,6 +166,24 @@ def test_attention_with_other_block_shapes(monkeypatch, fwd_and_dq, dkdv):
         check_attention_with_lse(1, 2, 1, 70, 70, 64, causal, f32)
 
 
+def test_attention_autotunes_once_per_power_of_two_of_the_length(monkeypatch):
+    """On a GPU a key the autotuner has not seen times every config; keyed on exact lengths,
+    that is each new eval batch and each generated length. 33 and 40 share a bucket, 70 does
+    not. The interpreter's single config is never cached, so here there are two, pruned
+    (prune_configs_by's early_config_prune) to the first, so that nothing is timed."""
+    tuned = (kernels._attn_fwd, kernels._attn_bwd_dkdv, kernels._attn_bwd_dq)
+    for kernel in tuned:
+        monkeypatch.setattr(kernel, "configs", kernel.configs * 2)
+        monkeypatch.setattr(kernel, "early_config_prune", lambda configs, nargs, **kwargs: configs[:1])
+        monkeypatch.setattr(kernel, "cache", {})
+    entries = []
+    for S in (33, 40, 70):
+        q, k, v = leaves((1, 2, S, 16), (1, 1, S, 16), (1, 1, S, 16))
+        kernels.attention(q, k, v).sum().backward()
+        entries.append([len(kernel.cache) for kernel in tuned])
+    assert entries == [[1, 1, 1], [1, 1, 1], [2, 2, 2]]
+
+
 def check_attention_with_lse(B, Hq, Hkv, Sq, Sk, D, causal, dtype):
     if dtype == bf16 and not BF16_DOT:
         pytest.skip("this Triton's interpreter cannot be taught bf16 tl.dot")
@@ -292,6 +310,16 @@ def test_rms_norm_matches_reference(shape, dtype, w_dtype):
         assert_close(g, wg, dtype, name)
 
 
+def test_rms_norm_output_follows_x_under_autocast():
+    """Under autocast an fp32 weight must not lift bf16 activations to fp32 (QK-norm's q and k
+    would then differ from v's dtype); outside it the output promotes, as tested above."""
+    x, w = torch.randn(17, 64, device=DEVICE, dtype=bf16), torch.rand(64, device=DEVICE) + 0.5
+    with torch.autocast(torch.device(DEVICE).type, dtype=bf16):
+        y, want = kernels.rms_norm(x, w, 1e-5), kernels.rms_norm_ref(x, w, 1e-5)
+    assert y.dtype == want.dtype == bf16
+    assert_close(y, want, bf16, "y")
+
+
 # ----------------------------------------------------------------------------------------
 # SwiGLU
 
@@ -379,6 +407,22 @@ def test_linear_cross_entropy_matches_reference(n, d, vocab, chunk, dtype, z_los
         torch.testing.assert_close(kernels.linear_cross_entropy(h, w, targets, z_loss=z_loss, chunk=chunk), loss)
 
 
+def test_linear_cross_entropy_takes_no_gradient_under_no_grad(monkeypatch):
+    """Validation and eval call the fused head under no_grad on parameters that require grad:
+    no dh, no dW (a (V, d) fp32 buffer) and no gradient GEMMs then, and the same loss."""
+    torch.manual_seed(0)
+    h, w = leaves((51, 32), (300, 32))
+    targets = targets_with_ignored(51, 300, -100)
+    calls, ce_grad = [], kernels._ce_grad
+    monkeypatch.setattr(kernels, "_ce_grad", lambda *a, **k: calls.append(1) or ce_grad(*a, **k))
+    with torch.no_grad():
+        loss = kernels.linear_cross_entropy(h, w, targets, chunk=16)
+    assert not calls, "gradient work under no_grad"
+    want = kernels.linear_cross_entropy(h, w, targets, chunk=16)
+    assert len(calls) == 4                 # one per chunk when a gradient is wanted: the counter counts
+    torch.testing.assert_close(loss, want.detach(), atol=0, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------
 # GPU code, compiled without a GPU
 
@@ -419,14 +463,17 @@ def test_backend_switch_picks_the_path():
 
 
 @pytest.mark.skipif(not BF16_DOT, reason="this Triton's interpreter cannot be taught bf16 tl.dot")
-def test_bf16_autocast_model_gradients_are_as_close_to_fp32_as_the_references():
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_bf16_autocast_model_gradients_are_as_close_to_fp32_as_the_references(qk_norm):
     """The training path on a GPU: bf16 autocast around the model, so the kernels see bf16
     q/k/v and SwiGLU inputs, fp32 residuals into RMSNorm, and the fused LM head runs its
     chunks' matmuls under autocast. Loss and every gradient are compared with the fp32
     run; the Triton path may be off by bf16 rounding, as the reference path is, but not by
     more than 2.5x as much (the interpreter truncates fp32 -> bf16 where a GPU rounds to
-    nearest, which alone about doubles the error)."""
-    cfg = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    nearest, which alone about doubles the error). QK-norm puts bf16 q and k through
+    RMSNorm's fp32 weight, and attention still needs them in v's dtype."""
+    cfg = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
+                      qk_norm=qk_norm)
     torch.manual_seed(0)
     x = torch.randint(0, 128, (2, 33), device=DEVICE)
     y = torch.roll(x, -1, 1)

@@ -1,6 +1,7 @@
 """Every parallel layout against the single-process run: same initial weights, same global
 batch; the loss, every gradient (gathered from its shards) and the parameters after three
 AdamW steps must match. Processes talk over gloo on the CPU."""
+import dataclasses
 import json
 import os
 
@@ -9,6 +10,8 @@ import torch
 import torch.distributed as dist
 from conftest import spawn
 
+from config import config_from_dict
+import checkpoint
 import parallel
 import train
 from model import Transformer
@@ -21,7 +24,7 @@ def make_cfg(layout, model=None):
     """A Config for a layout; micro_batch shrinks with dp so the global batch stays MICRO."""
     p = dict(layout)
     dp = p.get("dp", 1)
-    return train.config_from_dict({
+    return config_from_dict({
         "model": {**MODEL, **(model or {})}, "parallel": p,
         "data": dict(seq_len=SEQ, micro_batch=MICRO // dp, grad_accum=ACCUM, seed=0),
         # eps 1e-6, not 1e-8: on random tokens many gradients are ~1e-9, where AdamW's g / (|g| + eps)
@@ -39,7 +42,7 @@ def run_steps(cfg, grid=None):
     """Build, parallelize and train STEPS steps as train.py does; return the first step's loss
     and full gradients, every step's loss and the final full parameters (on rank 0)."""
     grid = grid or parallel.make_grid(cfg.parallel, cfg.model, cfg.data)
-    model = train.build_model(cfg, grid, torch.device("cpu"))  # the whole model's weights, this rank's part
+    model = checkpoint.build_model(cfg, torch.device("cpu"), grid=grid)  # the whole model's weights, this rank's part
     dp = parallel.DataParallel(model, grid, zero=cfg.parallel.zero == 1, bucket_mb=0.004)
     named = dp.optimizer_params(model)
     opt = train.build_optimizer(named, cfg.optim, torch.device("cpu"))
@@ -146,7 +149,9 @@ def _record_backward_events():
 
 
 @pytest.mark.parametrize("layout, world, message", [
-    (dict(tp=2), 3, r"dp 1 x pp 1 x cp 1 x tp 2 = 2, but the world size is 3"),
+    (dict(tp=2), 3, r"parallel.dp=auto x parallel.pp=1 x parallel.cp=1 x parallel.tp=2 does not match the world "
+                    r"size of 3 processes"),
+    (dict(dp=2, tp=2), 2, r"parallel.dp=2 x .* x parallel.tp=2 does not match the world size of 2"),
     (dict(tp=3), 3, r"model.n_heads=4 is not divisible by parallel.tp=3"),
     (dict(pp=5), 5, r"model.n_layers=4 is fewer than parallel.pp=5 stages"),
     (dict(cp=3), 3, r"data.seq_len=16 is not divisible by 2 x parallel.cp=6"),
@@ -157,6 +162,11 @@ def test_invalid_layout_is_named(layout, world, message):
     cfg = make_cfg(layout)
     with pytest.raises(ValueError, match=message):
         parallel.check_layout(cfg.parallel, cfg.model, cfg.data, world)
+
+
+def test_an_odd_sequence_length_is_fine_without_context_parallelism():
+    cfg = make_cfg({})
+    assert parallel.check_layout(cfg.parallel, cfg.model, dataclasses.replace(cfg.data, seq_len=15), 1) == 1
 
 
 # ----------------------------------------------------------------------------------------

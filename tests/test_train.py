@@ -1,6 +1,8 @@
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -8,6 +10,8 @@ import pytest
 import torch
 from conftest import ROOT, train_command
 
+from config import ConfigError, OptimConfig, config_from_dict, load_config, to_toml
+import checkpoint
 import train
 
 
@@ -26,8 +30,8 @@ def write(tmp_path, text):
 
 
 def test_config_loads_sections_and_overrides(tmp_path):
-    cfg = train.load_config(write(tmp_path, "[model]\nd_model = 128\nn_heads = 4\n[optim]\nlr = 1\n"),
-                            ["optim.schedule=wsd", "data.train=dir/train_*.bin", "model.tie_embeddings=true"])
+    cfg = load_config(write(tmp_path, "[model]\nd_model = 128\nn_heads = 4\n[optim]\nlr = 1\n"),
+                      ["optim.schedule=wsd", "data.train=dir/train_*.bin", "model.tie_embeddings=true"])
     assert cfg.model.d_model == 128 and cfg.model.head_dim == 32
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
     assert cfg.optim.schedule == "wsd" and cfg.data.train == "dir/train_*.bin" and cfg.model.tie_embeddings
@@ -47,8 +51,8 @@ def test_config_loads_sections_and_overrides(tmp_path):
      r"data.seq_len = 256 is longer than model.max_seq_len = 128"),
 ])
 def test_bad_config_is_named(tmp_path, text, override, message):
-    with pytest.raises(train.ConfigError, match=message):
-        train.load_config(write(tmp_path, text), override)
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text), override)
 
 
 def test_missing_data_path_fails_before_training(tmp_path):
@@ -60,26 +64,26 @@ def test_missing_data_path_fails_before_training(tmp_path):
 def test_missing_benchmark_file_fails_before_training(tmp_path, tiny_config):
     cfg = tiny_config(eval=dict(every=10, tasks=f"hellaswag={tmp_path}/nope.jsonl"))
     path = tmp_path / "c.toml"
-    path.write_text(train.to_toml(cfg))
+    path.write_text(to_toml(cfg))
     r = subprocess.run([sys.executable, "train.py", "--config", str(path)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "nope.jsonl" in r.stderr and "step" not in r.stdout
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path, tiny_config):
     cfg = tiny_config(optim=dict(schedule="wsd"), model=dict(qk_norm=True))
-    (tmp_path / "saved.toml").write_text(train.to_toml(cfg))
-    assert train.load_config(str(tmp_path / "saved.toml")) == cfg
+    (tmp_path / "saved.toml").write_text(to_toml(cfg))
+    assert load_config(str(tmp_path / "saved.toml")) == cfg
 
 
 # ----------------------------------------------------------------------------------------
 # Schedules
 
 def test_cosine_and_wsd_schedules_closed_form():
-    o = train.OptimConfig(lr=1.0, min_lr=0.1, warmup=10, steps=110, schedule="cosine")
+    o = OptimConfig(lr=1.0, min_lr=0.1, warmup=10, steps=110, schedule="cosine")
     assert train.lr_at(0, o) == pytest.approx(0.1) and train.lr_at(9, o) == pytest.approx(1.0)
     assert train.lr_at(60, o) == pytest.approx(0.55)  # halfway: the mean of lr and min_lr
     assert train.lr_at(110, o) == pytest.approx(0.1)
-    w = train.OptimConfig(lr=1.0, min_lr=0.0, warmup=10, steps=100, schedule="wsd", decay_frac=0.2)
+    w = OptimConfig(lr=1.0, min_lr=0.0, warmup=10, steps=100, schedule="wsd", decay_frac=0.2)
     assert train.lr_at(50, w) == 1.0 and train.lr_at(79, w) == 1.0
     assert train.lr_at(90, w) == pytest.approx(0.5) and train.lr_at(100, w) == pytest.approx(0.0)
 
@@ -87,7 +91,7 @@ def test_cosine_and_wsd_schedules_closed_form():
 def test_no_weight_decay_on_norms_and_embeddings(tiny_config):
     from model import Transformer
     m = Transformer(tiny_config().model)
-    opt = train.build_optimizer(list(m.named_parameters()), train.OptimConfig(weight_decay=0.1), torch.device("cpu"))
+    opt = train.build_optimizer(list(m.named_parameters()), OptimConfig(weight_decay=0.1), torch.device("cpu"))
     names = {id(p): n for n, p in m.named_parameters()}
     decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
     assert "embed.weight" not in decayed and "norm.weight" not in decayed and "lm_head.weight" in decayed
@@ -98,16 +102,17 @@ def test_no_weight_decay_on_norms_and_embeddings(tiny_config):
 @pytest.mark.parametrize("tied", [False, True])
 def test_build_model_draws_the_whole_models_weights(tiny_config, tied):
     """One process: build_model (meta device, then one tensor at a time) gives each parameter
-    init_parameter's draw in the whole model's order, keeps a tied head tied, and rebuilds the
-    RoPE tables that the meta device left empty. (Other layouts: tests/test_parallel.py.)"""
-    import parallel
+    init_parameter's draw from a generator seeded with data.seed and the parameter's name,
+    keeps a tied head tied, and rebuilds the RoPE tables that the meta device left empty.
+    (Other layouts: tests/test_parallel.py.)"""
+    import zlib
+
     from model import Transformer, init_parameter
     cfg = tiny_config(model=dict(tie_embeddings=tied))
-    got = train.build_model(cfg, parallel.Grid(), torch.device("cpu"))
+    got = checkpoint.build_model(cfg, torch.device("cpu"))
     want = Transformer(cfg.model)
-    generator = torch.Generator().manual_seed(cfg.data.seed)
     for name, p in want.named_parameters():
-        init_parameter(name, p, cfg.model, generator)
+        init_parameter(name, p, cfg.model, torch.Generator().manual_seed(zlib.crc32(f"{cfg.data.seed}:{name}".encode())))
     assert (got.lm_head.weight is got.embed.weight) == tied
     got_state, got_buffers = got.state_dict(), dict(got.named_buffers())
     assert got_state.keys() == want.state_dict().keys()
@@ -128,7 +133,7 @@ def test_training_lowers_loss_and_writes_run_directory(tiny_config):
     assert sorted(curve) == list(range(1, 31)) and curve[30] < curve[1] - 0.5
     val = losses(run, "val_bpb")
     assert sorted(val) == [15, 30] and all(math.isfinite(v) for v in val.values())
-    assert train.load_config(os.path.join(run, "config.toml")) == cfg
+    assert load_config(os.path.join(run, "config.toml")) == cfg
     report = open(os.path.join(run, "report.md")).read()
     assert "bits per byte" in report and "tokens/s" in report
 
@@ -154,14 +159,14 @@ def test_checkpoint_layout_manifest_and_retention(tiny_config):
     manifest = json.load(open(os.path.join(final, "manifest.json")))
     assert set(manifest["files"]) == {"model.safetensors", "optimizer.safetensors", "state.json", "config.toml",
                                       "tokenizer.json"}
-    train.verify_checkpoint(final)
-    _, loaded = train.load_checkpoint(final)
+    checkpoint.verify_checkpoint(final)
+    _, loaded = checkpoint.load_model(final)
     for (n, a), (_, b) in zip(model.named_parameters(), loaded.named_parameters()):
         assert torch.equal(a, b), n
     with open(os.path.join(final, "state.json"), "a") as f:
         f.write(" ")
     with pytest.raises(ValueError, match="state.json: size or sha256 differs"):
-        train.verify_checkpoint(final)
+        checkpoint.verify_checkpoint(final)
 
 
 def test_two_process_data_parallel_equals_one_process(tiny_config, tmp_path):
@@ -170,7 +175,7 @@ def test_two_process_data_parallel_equals_one_process(tiny_config, tmp_path):
     train.train(single)
     ddp = tiny_config(optim=dict(steps=6), data=dict(micro_batch=2), log=dict(dir=str(tmp_path / "ddp"), every=1))
     cfg_path = tmp_path / "ddp.toml"
-    cfg_path.write_text(train.to_toml(ddp))
+    cfg_path.write_text(to_toml(ddp))
     r = subprocess.run(train_command(cfg_path, 2), cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -180,13 +185,131 @@ def test_two_process_data_parallel_equals_one_process(tiny_config, tmp_path):
         assert abs(a[s] - b[s]) < 1e-5, (s, a[s], b[s])
 
 
-def test_estimate_prints_size_compute_memory_and_cost(capsys, tiny_config):
-    cfg = train.config_from_dict({"model": dict(vocab_size=32000, d_model=768, n_layers=12, n_heads=12,
-                                                n_kv_heads=12), "data": dict(seq_len=1024, micro_batch=8),
-                                  "optim": dict(steps=1000)})
-    train.estimate(cfg, "H100", 0.4, 2.0)
+def test_estimate_prints_size_compute_memory_and_cost(capsys):
+    cfg = config_from_dict({"model": dict(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12),
+                            "data": dict(seq_len=1024, micro_batch=8), "optim": dict(steps=1000)})
+    got = train.estimate(cfg, "H100", 0.4, 2.0)
     out = capsys.readouterr().out
+    # The closed forms, written out: d_ff = 2048 by Llama's rule; untied head.
     n = 2 * 32000 * 768 + 12 * (4 * 768 * 768 + 3 * 768 * 2048 + 2 * 768) + 768
-    assert f"{n / 1e6:,.1f}M" in out
-    for word in ("FLOPs per token", "training FLOPs", "compute-optimal", "memory per GPU", "GPU-hours", "cost"):
-        assert word in out
+    fpt = 6 * (n - 32000 * 768) + 12 * 12 * 1024 * 768   # 6 per matmul weight + attention (PaLM, app. B)
+    tokens = 1000 * 1024 * 8
+    memory = 16 * n + 34 * 1024 * 8 * 768 * 12 + 6 * 1024 * 8 * 32000  # fp32 w + g + AdamW, activations, logits
+    hours = fpt * tokens / (989e12 * 0.4) / 3600
+    assert got == pytest.approx({"params": n, "flops_per_token": fpt, "tokens": tokens, "memory_bytes": memory,
+                                 "gpu_hours": hours})
+    assert f"{n / 1e6:,.1f}M" in out and f"{fpt / 1e9:,.2f} GFLOP" in out
+    assert f"= {memory / 2**30:.2f} GiB" in out and f"{hours:,.1f} on H100" in out and f"${hours * 2.0:,.0f}" in out
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input on the command line: one line naming the key, file or field; nothing lost
+
+@pytest.mark.parametrize("key, value, message", [
+    ("optim.steps", "0", "optim.steps = 0: must be at least 1"),
+    ("optim.steps", "-5", "optim.steps = -5: must be at least 1"),
+    ("data.micro_batch", "0", "data.micro_batch = 0: must be at least 1"),
+    ("data.seq_len", "0", "data.seq_len = 0: must be at least 1"),
+    ("data.grad_accum", "0", "data.grad_accum = 0: must be at least 1"),
+    ("log.every", "0", "log.every = 0: must be at least 1"),
+    ("eval.val_batches", "0", "eval.val_batches = 0: must be at least 1"),
+    ("checkpoint.keep", "0", "checkpoint.keep = 0: must be at least 1"),
+    ("optim.lr", "-3e-4", "optim.lr = -0.0003: must be at least 0.0"),
+    ("optim.lr", "nan", "optim.lr = nan: expected a finite number"),
+    ("optim.clip", "-1.0", "optim.clip = -1.0: must be at least 0.0"),
+])
+def test_numbers_out_of_range_are_named(tmp_path, key, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(write(tmp_path, ""), [f"{key}={value}"])
+
+
+def main_error(capsys, *argv):
+    """train.py's command line in this process: the exit code must be 1 and stderr one line."""
+    with pytest.raises(SystemExit) as e:
+        train.main(list(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def saved(tmp_path, cfg, name="c.toml"):
+    path = tmp_path / name
+    path.write_text(to_toml(cfg))
+    return str(path)
+
+
+def test_a_second_run_into_the_same_directory_is_refused_until_asked(tiny_config, tmp_path, capsys):
+    cfg = tiny_config(optim=dict(steps=4), checkpoint=dict(every=2))
+    train.train(cfg)
+    run = cfg.log.dir
+    before = {p: open(os.path.join(run, p), "rb").read() for p in ("metrics.jsonl", "checkpoints/step_0000004/"
+                                                                    "model.safetensors")}
+    err = main_error(capsys, "--config", saved(tmp_path, cfg))
+    assert f"{run} already holds a run" in err and "--resume auto" in err and "--start-over" in err
+    assert all(open(os.path.join(run, p), "rb").read() == b for p, b in before.items())  # nothing lost
+    train.main(["--config", saved(tmp_path, cfg), "--start-over"])
+    asides = [n for n in os.listdir(run) if n.startswith("metrics.jsonl.")]
+    assert len(asides) == 1 and open(os.path.join(run, asides[0]), "rb").read() == before["metrics.jsonl"]
+    assert sorted(losses(run)) == [1, 2, 3, 4]  # the new run alone
+    assert any(n.startswith("checkpoints.") for n in os.listdir(run))
+
+
+def test_a_fresh_start_under_resume_auto_starts_a_fresh_metrics_file(tiny_config):
+    """A restart loop whose first attempt died before its first checkpoint: the new attempt
+    must not append to the dead one's metrics (duplicate steps, a stale first loss)."""
+    cfg = tiny_config(optim=dict(steps=3))
+    os.makedirs(cfg.log.dir)
+    stale = '{"step": 1, "loss": 99.0}\n{"step": 2, "loss": 98.0}\n'
+    with open(os.path.join(cfg.log.dir, "metrics.jsonl"), "w") as f:
+        f.write(stale)
+    train.train(cfg, resume="auto")
+    got = losses(cfg.log.dir)
+    assert sorted(got) == [1, 2, 3] and got[1] != 99.0
+    asides = [n for n in os.listdir(cfg.log.dir) if n.startswith("metrics.jsonl.")]
+    assert [open(os.path.join(cfg.log.dir, n)).read() for n in asides] == [stale]
+    assert "99.0" not in open(os.path.join(cfg.log.dir, "report.md")).read()
+
+
+def test_every_resume_is_verified_and_another_shape_is_named(tiny_config, tmp_path, capsys):
+    cfg = tiny_config(optim=dict(steps=4), checkpoint=dict(every=2))
+    train.train(cfg)
+    ckpts = os.path.join(cfg.log.dir, "checkpoints")
+    weights = os.path.join(ckpts, "step_0000002", "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.seek(os.path.getsize(weights) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    path = saved(tmp_path, cfg)
+    assert f"{weights}: size or sha256 differs" in main_error(capsys, "--config", path, "--resume", "2")
+    os.remove(os.path.join(ckpts, "step_0000004", "manifest.json"))
+    err = main_error(capsys, "--config", path, "--resume", os.path.join(ckpts, "step_0000004"))
+    assert "step_0000004: no manifest.json" in err
+    assert "no such checkpoint directory" in main_error(capsys, "--config", path, "--resume", "7")
+    train.train(tiny_config(optim=dict(steps=2), log=dict(dir=str(tmp_path / "b"))))
+    wider = tiny_config(optim=dict(steps=4), log=dict(dir=str(tmp_path / "b")), model=dict(d_model=128))
+    err = main_error(capsys, "--config", saved(tmp_path, wider), "--resume", "auto")
+    assert "holds another model: model.d_model: 64 in the checkpoint, 128 now" in err
+
+
+def test_shards_of_another_tokenizer_or_vocabulary_are_refused(tiny_config, tokens_dir, tmp_path, capsys):
+    shards = tmp_path / "tokens"
+    shutil.copytree(tokens_dir, shards)
+    small = tiny_config(model=dict(vocab_size=256), data=dict(train=str(shards / "train_*.bin"),
+                                                               val=str(shards / "val_*.bin")))
+    err = main_error(capsys, "--config", saved(tmp_path, small))
+    assert "vocab_size = 512, more than model.vocab_size = 256" in err
+    odd = sorted(shards.glob("val_*.json"))[-1]
+    meta = json.loads(odd.read_text())
+    odd.write_text(json.dumps({**meta, "tokenizer_sha256": "0" * 64}))
+    cfg = tiny_config(data=dict(train=str(shards / "train_*.bin"), val=str(shards / "val_*.bin")))
+    err = main_error(capsys, "--config", saved(tmp_path, cfg))
+    assert f"data.val: {str(odd)[:-5]}.bin was made with tokenizer_sha256 = '{'0' * 64}'" in err
+
+
+def test_under_torchrun_an_error_is_one_line_printed_once(tiny_config, tmp_path):
+    cfg = tiny_config(parallel=dict(tp=4))  # 2 processes cannot hold tp = 4
+    r = subprocess.run(train_command(saved(tmp_path, cfg), 2), cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error: ")]
+    assert r.returncode != 0 and len(errors) == 1 and "parallel.tp=4" in errors[0] and "world size of 2" in errors[0]

@@ -1,0 +1,200 @@
+"""config.py — the run config: TOML sections -> nested dataclasses, checked key by key.
+
+    cfg = load_config("configs/tiny.toml", ["optim.lr=1e-3"])   # --config FILE --set section.key=value
+
+Every key, its default and what it does is a field below (`ModelConfig` lives in model.py).
+An unknown key, a wrong type, a value outside a key's choices or range is a ConfigError
+that names the key and what is valid. The resolved config (`to_toml`) is saved into every
+run directory and checkpoint. train, eval, infer, align and checkpoint all import this.
+"""
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+
+from model import ModelConfig
+
+
+def choice(default, *choices):
+    return field(default=default, metadata={"choices": (default, *choices)})
+
+
+def at_least(default, low):
+    return field(default=default, metadata={"min": low})
+
+
+@dataclass
+class DataConfig:
+    train: str = ""             # glob of token shards, e.g. "runs/demo/tokens/train_*.bin"
+    val: str = ""
+    seq_len: int = at_least(256, 1)
+    micro_batch: int = at_least(8, 1)   # sequences per rank per micro-step
+    grad_accum: int = at_least(1, 1)    # micro-steps per optimizer step
+    seed: int = 1337            # data order and weight initialisation
+
+
+@dataclass
+class OptimConfig:
+    lr: float = at_least(3e-4, 0.0)
+    min_lr: float = at_least(3e-5, 0.0)
+    weight_decay: float = at_least(0.1, 0.0)
+    beta1: float = at_least(0.9, 0.0)
+    beta2: float = at_least(0.95, 0.0)
+    eps: float = at_least(1e-8, 0.0)
+    clip: float = at_least(1.0, 0.0)    # max global gradient norm; 0 disables clipping
+    warmup: int = at_least(100, 0)
+    steps: int = at_least(1000, 1)
+    schedule: str = choice("cosine", "wsd")
+    decay_frac: float = at_least(0.2, 0.0)  # wsd: fraction of steps spent decaying to min_lr
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = at_least(0, 0)    # 0: the world size divided by tp * pp * cp
+    tp: int = at_least(1, 1)
+    pp: int = at_least(1, 1)
+    cp: int = at_least(1, 1)
+    ep: int = at_least(1, 1)
+    zero: int = choice(0, 1)    # ZeRO stage: 1 shards the AdamW state over data-parallel ranks
+    sequence_parallel: bool = False
+    pp_schedule: str = choice("1f1b", "afab")
+    microbatches: int = at_least(0, 0)  # pipeline micro-batches per micro-step; 0: one per sequence
+    recompute: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""               # "" : <log.dir>/checkpoints
+    every: int = at_least(0, 0)  # steps between checkpoints; 0: only at the end
+    keep: int = at_least(3, 1)  # most recent checkpoints kept
+    keep_every: int = at_least(0, 0)  # also keep every checkpoint at a multiple of this many steps, forever
+    keep_hours: float = at_least(0.0, 0.0)  # also keep one checkpoint per this many hours of training, forever
+    asynchronous: bool = True   # write from a CPU snapshot on a background thread while training goes on
+
+
+@dataclass
+class LogConfig:
+    dir: str = "runs/default"   # the run directory: config, metrics.jsonl, report.md
+    every: int = at_least(10, 1)
+
+
+@dataclass
+class EvalConfig:
+    every: int = at_least(0, 0)  # benchmark tasks (eval.py) every N steps; 0: never
+    tasks: str = ""             # "hellaswag=path.jsonl,arc_easy=path.jsonl" (eval.py --tasks)
+    limit: int = at_least(200, 0)  # a fixed random subset of N examples per task; 0: all
+    mode: str = choice("norm", "pmi", "letter")  # cloze (norm), cloze + PMI, or A/B/C/D letters
+    shots: int = at_least(0, 0)
+    val_every: int = at_least(100, 0)  # validation loss every N steps (and at the end); 0: only at the end
+    val_batches: int = at_least(10, 1)
+
+
+@dataclass
+class TrainConfig:
+    device: str = "auto"        # auto: cuda when available, else cpu
+    dtype: str = choice("auto", "float32", "bfloat16")  # auto: bf16 autocast on cuda, fp32 on cpu
+    kernels: str = choice("auto", "torch", "triton")
+    compile: bool = False
+    skip_nonfinite: bool = True  # a NaN/inf loss or gradient norm skips the update instead of applying it
+    spike_factor: float = at_least(0.0, 0.0)  # a loss above this x its running mean skips the update; 0: off
+    spike_window: int = at_least(20, 1)  # steps of running mean (and of warm-up before spikes are judged)
+    max_spikes: int = at_least(3, 1)  # consecutive skipped steps that roll back to the last checkpoint
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def check_value(key, f, value):
+    """The value for dataclass field f, or a ConfigError naming key."""
+    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}[f.type]
+    if not ok(value):
+        raise ConfigError(f"{key} = {value!r}: expected {f.type.__name__}, got {type(value).__name__}")
+    if f.type is float and not math.isfinite(value):
+        raise ConfigError(f"{key} = {value!r}: expected a finite number")
+    choices, low = f.metadata.get("choices"), f.metadata.get("min")
+    if choices and value not in choices:
+        raise ConfigError(f"{key} = {value!r}: choose one of {', '.join(map(repr, choices))}")
+    if low is not None and value < low:
+        raise ConfigError(f"{key} = {value!r}: must be at least {low}")
+    return float(value) if f.type is float else value
+
+
+def config_from_dict(d, where="config"):
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    built = {}
+    for name, table in d.items():
+        if name not in sections:
+            raise ConfigError(f"{where}: unknown section [{name}]; valid: {', '.join(sections)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [{name}] must be a table")
+        cls = sections[name].type
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in table.items():
+            if key not in fields:
+                raise ConfigError(f"{where}: unknown key {name}.{key}; valid keys of [{name}]: {', '.join(fields)}")
+            kwargs[key] = check_value(f"{where}: {name}.{key}", fields[key], value)
+        try:
+            built[name] = cls(**kwargs)
+        except ValueError as e:  # ModelConfig's own checks
+            raise ConfigError(f"{where}: {e}") from None
+    cfg = Config(**built)
+    if cfg.data.seq_len > cfg.model.max_seq_len:  # the RoPE tables hold max_seq_len positions
+        raise ConfigError(f"{where}: data.seq_len = {cfg.data.seq_len} is longer than model.max_seq_len = "
+                          f"{cfg.model.max_seq_len}")
+    return cfg
+
+
+def apply_override(d, assignment):
+    """'section.key=value' into the nested dict d; value parsed as a TOML value, else a string."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or key.count(".") != 1:
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    section, name = key.split(".")
+    d.setdefault(section, {})[name] = value
+
+
+def load_config(path, overrides=()):
+    try:
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    for assignment in overrides:
+        apply_override(d, assignment)
+    return config_from_dict(d, where=path)
+
+
+def to_toml(cfg):
+    """The resolved config as TOML text (saved in every run directory and checkpoint)."""
+    def value(v):
+        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+    lines = []
+    for section in dataclasses.fields(cfg):
+        lines.append(f"[{section.name}]")
+        for k, v in dataclasses.asdict(getattr(cfg, section.name)).items():
+            lines.append(f"{k} = {value(v)}")
+        lines.append("")
+    return "\n".join(lines)
