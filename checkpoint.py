@@ -1,25 +1,15 @@
 """checkpoint.py — weights and training state on disk, and the one way from weights to a model.
 
     cfg, model = checkpoint.load_model("runs/demo/checkpoints/step_0000600")   # eval, infer, your scripts
-    model = checkpoint.load_hf("Llama-3.2-1B/")                              # transformers' format in
-    checkpoint.save_hf(model, "out/")                                        # ... and out
+    model = checkpoint.load_hf("hf/")   # a transformers Llama/Qwen3 directory in; save_hf(model, dir) out
 
-A checkpoint is one directory per step, written under a temporary name and renamed once
-complete:
-
-    step_0000100/model.safetensors      consolidated fp32 weights under model.py's names
-                /optimizer.safetensors  AdamW state per parameter name: NAME.exp_avg, NAME.exp_avg_sq, NAME.step
-                /state.json             step, loader position, RNG, counters
-                /config.toml            the resolved config
-                /tokenizer.json         so the checkpoint serves on its own
-                /manifest.json          size and sha256 of every file above; "keep": permanent or not
-
-Every model — fresh, resumed, evaluated, served or imported from Hugging Face — is built the
-same way (`build_model`): on the meta device, where nothing is allocated or initialised; cut
-to this rank's part of the parallel layout; then each parameter filled with its piece of a
-whole tensor, read from a file (memory-mapped, only the piece) or drawn by the initialiser.
+A checkpoint is step_NNNNNNN/ with model.safetensors (fp32, model.py's names), optimizer.safetensors
+(NAME.exp_avg, NAME.exp_avg_sq, NAME.step), state.json, config.toml, tokenizer.json and manifest.json
+(bytes and sha256 of each), written under a temporary name and renamed once complete.
+Every model, fresh, resumed, evaluated, served or imported, is built by `build_model`: on the
+meta device, cut to this rank's part of the layout, then each parameter filled with its piece
+of a whole tensor, read from a file (memory-mapped, only the piece) or drawn by the initialiser.
 """
-import hashlib
 import json
 import os
 import re
@@ -36,6 +26,7 @@ import data
 import parallel
 from config import Config, load_config, to_toml
 from model import ModelConfig, Transformer, init_parameter
+from prep.tokenizer import file_sha256
 
 
 class CheckpointError(ValueError):
@@ -46,48 +37,39 @@ class CheckpointError(ValueError):
 # The one way from weights to a model. A source maps each whole tensor's name to (its
 # shape, read(spec) -> this rank's piece of it), parallel.shard_spec saying which piece.
 
-def build_model(cfg: Config, device="cpu", weights=None, grid=None):
+def build_model(cfg: Config, device="cpu", weights=None, grid=None, where="weights"):
     """This rank's part of the model (all of it on one process) with weights from `weights`:
-    None (drawn by the initialiser from data.seed), a checkpoint directory, or a source.
-    A rank holds one whole tensor at a time, never the whole model (an 8B model in fp32
-    would be 32 GB on every rank)."""
+    None (drawn by the initialiser from data.seed), a checkpoint directory, or a source (its
+    name in errors: where). A rank holds one whole tensor at a time, never the whole model
+    (an 8B model in fp32 would be 32 GB on every rank)."""
     grid = grid or parallel.Grid()
     with torch.device("meta"):
         model = Transformer(cfg.model)
     parallel.parallelize(model, grid, cfg.parallel)
     model.to_empty(device=device)
     if weights is None:
-        weights = init_source(cfg.model, cfg.data.seed, device)
+        weights, where = init_source(cfg.model, cfg.data.seed, device), "init"
     elif isinstance(weights, str):
-        weights = file_source([os.path.join(weights, "model.safetensors")])
-    fill(model, weights, grid)
+        weights, where = file_source([os.path.join(weights, "model.safetensors")]), weights
+    fill(model, weights, grid, where)
     return model
 
 
-def fill(model, source, grid):
+def fill(model, source, grid, where):
     """Copy into each parameter of model (this rank's part) its piece of the source's tensor
     of that name, after checking the source against the whole model's names and shapes."""
     with torch.device("meta"):
         whole = {n: tuple(p.shape) for n, p in Transformer(model.cfg).named_parameters()}
     for what, names in (("missing", whole.keys() - source.keys()), ("unexpected", source.keys() - whole.keys())):
         if names:
-            raise CheckpointError(f"{source_name(source)}: {what} tensors {sorted(names)[:5]}")
+            raise CheckpointError(f"{where}: {what} tensors {sorted(names)[:5]}")
     wrong = [f"{n} is {source[n][0]}, the model's is {s}" for n, s in whole.items() if tuple(source[n][0]) != s]
     if wrong:
-        raise CheckpointError(f"{source_name(source)}: shapes differ from model's config: " + "; ".join(wrong[:3]))
+        raise CheckpointError(f"{where}: shapes differ from the model's config: " + "; ".join(wrong[:3]))
     with torch.no_grad():
         for name, p in model.named_parameters():
             name = parallel.canonical(name, grid)
             p.copy_(source[name][1](parallel.shard_spec(name, grid)))
-
-
-def source_name(source):
-    return getattr(source, "where", "weights")
-
-
-class Source(dict):
-    """{name: (whole shape, read(spec))}, and where it comes from, for error messages."""
-    where = "weights"
 
 
 def init_source(model_cfg: ModelConfig, seed, device):
@@ -98,22 +80,19 @@ def init_source(model_cfg: ModelConfig, seed, device):
         return parallel.piece(init_parameter(name, torch.empty(shape, device=device), model_cfg, generator), spec)
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in Transformer(model_cfg).named_parameters()}
-    return Source({n: (s, partial(draw, n, s)) for n, s in shapes.items()})
+    return {n: (s, partial(draw, n, s)) for n, s in shapes.items()}
 
 
-def tensor_source(tensors, where="weights"):
+def tensor_source(tensors):
     """A source over whole tensors in memory."""
-    source = Source({n: (tuple(t.shape), partial(parallel.piece, t)) for n, t in tensors.items()})
-    source.where = where
-    return source
+    return {n: (tuple(t.shape), partial(parallel.piece, t)) for n, t in tensors.items()}
 
 
 def file_source(paths, rename=lambda key: key):
     """A source over the tensors of safetensors files, each read piece by piece (the files
     are memory-mapped: a rank reads only what it holds). rename maps a key on disk to
     model.py's name, or None to skip it."""
-    source = Source()
-    source.where = paths[0] if len(paths) == 1 else os.path.dirname(paths[0])
+    source = {}
     for path in paths:
         if not os.path.exists(path):
             raise CheckpointError(f"{path}: missing weights file")
@@ -164,18 +143,8 @@ def load_optimizer_state(optimizer, named, path, grid):
         optimizer.state[t] = state
 
 
-def read_state(path):
-    with open(os.path.join(path, "state.json")) as f:
-        return json.load(f)
-
-
 # ----------------------------------------------------------------------------------------
 # Writing, retention, integrity
-
-def sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
 
 def step_dirs(ckpt_dir):
     """Finished checkpoints, oldest first."""
@@ -200,7 +169,7 @@ def save_checkpoint(ckpt_dir, step, weights, moments, state, cfg, permanent=Fals
         f.write(to_toml(cfg))
     tokenizer = data.tokenizer_path(cfg.data.train)
     shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.json"))
-    files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": sha256(os.path.join(tmp, n))}
+    files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": file_sha256(os.path.join(tmp, n))}
              for n in sorted(os.listdir(tmp))}
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
         json.dump({"step": step, "keep": permanent, "files": files}, f, indent=1)
@@ -240,7 +209,7 @@ def verify_checkpoint(path):
         p = os.path.join(path, name)
         if not os.path.exists(p):
             raise CheckpointError(f"{p}: missing checkpoint file")
-        if os.path.getsize(p) != want["bytes"] or sha256(p) != want["sha256"]:
+        if os.path.getsize(p) != want["bytes"] or file_sha256(p) != want["sha256"]:
             raise CheckpointError(f"{p}: size or sha256 differs from the manifest (corrupt or truncated)")
 
 
@@ -409,5 +378,4 @@ def load_hf(hf_dir, dtype=torch.float32, device="cpu"):
         model_cfg = config_from_hf(hf, path)
     except (OSError, json.JSONDecodeError, KeyError) as e:
         raise CheckpointError(f"{path}: unreadable Hugging Face config ({type(e).__name__}: {e})") from None
-    cfg = Config(model=model_cfg)
-    return build_model(cfg, device, hf_source(hf_dir, model_cfg)).to(dtype)
+    return build_model(Config(model=model_cfg), device, hf_source(hf_dir, model_cfg), where=hf_dir).to(dtype)

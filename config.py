@@ -4,9 +4,9 @@
 
 Every key, its default and what it does is a field below (`ModelConfig` lives in model.py).
 An unknown key, a wrong type, a value outside a key's choices or range is a ConfigError
-that names the key and what is valid. The resolved config (`to_toml`) is saved into every
-run directory and checkpoint. train, eval, infer, align and checkpoint all import this.
+naming the key and what is valid. The resolved config (`to_toml`) is saved with every run.
 """
+import argparse
 import dataclasses
 import json
 import math
@@ -159,6 +159,17 @@ def config_from_dict(d, where="config"):
         raise ConfigError(f"{where}: data.seq_len = {cfg.data.seq_len} is longer than model.max_seq_len = "
                           f"{cfg.model.max_seq_len}")
     return cfg
+
+
+def number(kind, low):
+    """An argparse type for a command-line number: kind (int or float) and at least low, so
+    -1 or nan is refused with one line naming the flag."""
+    def parse(text):
+        value = kind(text)
+        if not value >= low:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{text}: must be at least {low}")
+        return value
+    return parse
 
 
 def apply_override(d, assignment):

@@ -28,6 +28,15 @@ def find_shards(pattern, key="data.train"):
     return paths
 
 
+def read_text(path):
+    """A UTF-8 file's text, or a ValueError naming the file when it is not UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+
+
 def read_sidecar(path):
     """The JSON sidecar of shard path (NAME.bin -> NAME.json)."""
     sidecar = path[:-len(".bin")] + ".json"
@@ -61,8 +70,7 @@ def check_shards(patterns, vocab_size):
             meta = read_sidecar(path)
             ident = {k: meta.get(k) for k in ("tokenizer_sha256", "vocab_size", "bos_id")}
             first = first or (path, ident)
-            differs = [k for k in ident if ident[k] != first[1][k]]
-            if differs:
+            if differs := [k for k in ident if ident[k] != first[1][k]]:
                 k = differs[0]
                 raise ValueError(f"{key}: {path} was made with {k} = {ident[k]!r}, but {first[0]} with "
                                  f"{first[1][k]!r}: shards of different tokenizers")
@@ -87,20 +95,15 @@ def token_byte_lengths(tokenizer_path):
     BPE token holds one byte per character of its string (GPT-2's byte-to-unicode map)."""
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(tokenizer_path)
-    n = tok.get_vocab_size(with_added_tokens=True)
     anchor = tok.encode("a", add_special_tokens=False).ids[-1]
-    base = len(tok.decode([anchor]).encode())
-    pieces = tok.decode_batch([[anchor, i] for i in range(n)])
-    lengths = []
-    for i, text in enumerate(pieces):
-        token = tok.id_to_token(i)
-        if "\ufffd" not in text[1:]:
-            lengths.append(len(text.encode()) - base)
+    head, lengths = tok.decode([anchor]), []
+    pairs = [[anchor, i] for i in range(tok.get_vocab_size(with_added_tokens=True))]
+    for i, text in enumerate(tok.decode_batch(pairs)):  # special tokens are skipped: they decode to ""
+        rest, token = text[len(head):], tok.id_to_token(i)
+        if "\ufffd" not in rest:
+            lengths.append(len(rest.encode()))
         else:
             lengths.append(1 if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token) else len(token))
-    for i, added in tok.get_added_tokens_decoder().items():
-        if added.special:
-            lengths[i] = 0
     return lengths
 
 

@@ -1,10 +1,10 @@
 """eval.py — evaluation: multiple-choice benchmarks, perplexity and bits per byte,
-in-training monitoring, and a signal report that says which benchmarks to trust.
+in-training monitoring, and a signal report that says which benchmarks to trust (across
+seeds: scripts/ablation.py prints it from the in-training curves).
 
     python eval.py --checkpoint DIR --tasks hellaswag=hs.jsonl,arc_easy=arc.jsonl [--mode norm|pmi|letter]
                    [--shots 5] [--limit 500] [--out results.json] [--report runs/x/report.md]
     python eval.py --checkpoint DIR --text book.txt --shards "tokens/val_*.bin"     # perplexity, bits per byte
-    python eval.py --signal runs/seed0/checkpoints runs/seed1/checkpoints --tasks ...  # signal report
 
 A multiple-choice question is scored by the log-likelihood the model gives each answer
 after the prompt (lm-eval-harness's `loglikelihood` requests), in one of two formulations
@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 import checkpoint
 import data
+from config import number
 from prep.tokenizer import BOS  # every training document starts with it
 
 LETTERS = "ABCDEFGHIJ"
@@ -200,17 +201,8 @@ def parse_row(name, row, where):
         raise TaskFormatError(f"{where}: {name}: {e}") from None
 
 
-def read_text(path):
-    """A file's text, or an error naming the file when it is not UTF-8."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise TaskFormatError(f"{path}: not UTF-8 text ({e})") from None
-
-
 def read_jsonl(path):
-    for lineno, line in enumerate(read_text(path).split("\n"), 1):
+    for lineno, line in enumerate(data.read_text(path).split("\n"), 1):
         if line.strip():
             try:
                 yield lineno, json.loads(line)
@@ -239,7 +231,7 @@ def load_task(name, path):
 def read_mmlu_csv(path):
     """Hendrycks et al. 2021's CSVs have no header (question, A, B, C, D, answer letter); Hugging
     Face exports have one (question, choice0..choice3, answer index), in any column order."""
-    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    reader = csv.reader(io.StringIO(data.read_text(path), newline=""))
     rows = [(reader.line_num, cells) for cells in reader]
     columns = MMLU_COLUMNS
     if rows and "question" in rows[0][1]:
@@ -516,7 +508,7 @@ def monitor(ecfg, tokenizer_path, cfg, weights, step, device="cpu", autocast=Non
     weights (parallel.full_tensors). Returns (record, line) for MetricsLog.write, with keys
     like "eval/hellaswag_acc_norm"."""
     single = dataclasses.replace(cfg, parallel=type(cfg.parallel)())  # one process's model
-    model = checkpoint.build_model(single, device, checkpoint.tensor_source(weights, f"step {step} weights"))
+    model = checkpoint.build_model(single, device, checkpoint.tensor_source(weights), where=f"step {step}'s weights")
     tokenizer = load_tokenizer(tokenizer_path)
     record, parts = {"step": step}, []
     for task in load_tasks(ecfg.tasks, ecfg.limit):
@@ -598,21 +590,16 @@ def signal_table(report):
     return "\n".join(lines)
 
 
-def evaluate_checkpoint(ckpt, args):
-    """The model, tokenizer and task results of one checkpoint."""
-    _, model = checkpoint.load_model(ckpt, args.device)
-    tokenizer = load_tokenizer(os.path.join(ckpt, "tokenizer.json"))
+def checkpoint_main(args):
+    """The task results, perplexities and bits per byte of one checkpoint, printed as a table."""
+    _, model = checkpoint.load_model(args.checkpoint, args.device)
+    tokenizer = load_tokenizer(os.path.join(args.checkpoint, "tokenizer.json"))
     autocast = torch.autocast("cuda", torch.bfloat16) if args.device == "cuda" else None
     tasks = [evaluate_task(model, tokenizer, task, args.mode, args.shots, args.seed, args.batch_size, autocast)
              for task in load_tasks(args.tasks, args.limit, args.seed)] if args.tasks else []
-    return model, tokenizer, tasks
-
-
-def checkpoint_main(args):
-    model, tokenizer, tasks = evaluate_checkpoint(args.checkpoint, args)
     results = {"checkpoint": args.checkpoint, "tasks": tasks, "text": {}, "shards": {}}
     for path in args.text:
-        results["text"][path] = text_bpb(model, tokenizer, read_text(path), autocast=None)
+        results["text"][path] = text_bpb(model, tokenizer, data.read_text(path), autocast=None)
     if args.shards:
         results["shards"][args.shards] = shards_bpb(model, args.shards, args.batches)
     lines = [results_table(tasks)] if tasks else []
@@ -625,54 +612,34 @@ def checkpoint_main(args):
     return results
 
 
-def signal_main(args):
-    """Evaluate every checkpoint of every run, then the signal report per task."""
-    curves, meta = {}, {}
-    for run in args.signal:
-        ckpt_dir = os.path.join(run, "checkpoints") if os.path.isdir(os.path.join(run, "checkpoints")) else run
-        for ckpt in checkpoint.step_dirs(ckpt_dir):
-            step = int(os.path.basename(ckpt).removeprefix("step_"))
-            for r in evaluate_checkpoint(ckpt, args)[2]:
-                curves.setdefault(r["task"], {}).setdefault(run, []).append((step, r[HEADLINE[args.mode]]))
-                meta[r["task"]] = (r["random"], r["n"])
-            print(f"evaluated {ckpt}", flush=True)
-    report = {task: {**signal_report(c, *meta[task]), "curves": c} for task, c in curves.items()}
-    print(signal_table(report))
-    return {"mode": args.mode, "signal": report}
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="a checkpoint directory (step_NNNNNNN)")
-    p.add_argument("--signal", nargs="+", metavar="RUN", help="runs (or their checkpoints/) differing only in seed")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (step_NNNNNNN)")
     p.add_argument("--tasks", default="", help=f"name=path,... names: {', '.join(PARSERS)}, or any other name "
                                                "for the generic JSONL format")
     p.add_argument("--mode", choices=MODES, default="norm", help="norm: cloze scored by sum, per token, per "
                                                                   "character; pmi: plus PMI; letter: A/B/C/D")
-    p.add_argument("--shots", type=int, default=0)
-    p.add_argument("--limit", type=int, default=0, help="a fixed random subset of N examples per task")
+    p.add_argument("--shots", type=number(int, 0), default=0)
+    p.add_argument("--limit", type=number(int, 0), default=0, help="a fixed random subset of N examples per task")
     p.add_argument("--seed", type=int, default=1234, help="few-shot draws and subsets")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=number(int, 1), default=32)
     p.add_argument("--text", nargs="+", default=[], help="raw text files: perplexity and bits per byte")
     p.add_argument("--shards", help="a token-shard glob: perplexity and bits per byte")
-    p.add_argument("--batches", type=int, default=0, help="--shards: batches of 8 windows (0: all)")
+    p.add_argument("--batches", type=number(int, 0), default=0, help="--shards: batches of 8 windows (0: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="results JSON (default: CHECKPOINT/eval.json)")
     p.add_argument("--report", help="append the results table to this report.md")
     args = p.parse_args(argv)
-    if args.signal and not args.tasks:
-        p.error("--signal needs --tasks")
-    if not args.signal and not (args.checkpoint and (args.tasks or args.text or args.shards)):
-        p.error("give --checkpoint DIR with --tasks, --text or --shards, or --signal RUN ... with --tasks")
+    if not (args.tasks or args.text or args.shards):
+        p.error("give --tasks, --text or --shards")
     try:
-        results = signal_main(args) if args.signal else checkpoint_main(args)
+        results = checkpoint_main(args)
     except (ValueError, OSError) as e:  # bad input: one line naming the file and what is wrong
         raise SystemExit(f"error: {e}") from None
-    out = args.out or (os.path.join(args.checkpoint, "eval.json") if args.checkpoint else None)
-    if out:
-        with open(out, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"results -> {out}")
+    out = args.out or os.path.join(args.checkpoint, "eval.json")
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"results -> {out}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import os
 import torch
 
 import checkpoint
+import data
+from config import number
 from prep.tokenizer import BOS
 
 
@@ -38,33 +40,21 @@ def generate(model, ids, max_new_tokens, temperature=1.0, top_k=None, eos_id=Non
     return ids
 
 
-def read_prompt_file(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
-
-
 def main(argv=None):
     from tokenizers import Tokenizer
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory (step_NNNNNNN)")
     p.add_argument("--prompt", action="append", default=[], help="repeat for several prompts")
     p.add_argument("--prompt-file", action="append", default=[], help="a UTF-8 file whose text is one prompt")
-    p.add_argument("--max-new-tokens", type=int, default=120)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50, help="0: no top-k cut")
+    p.add_argument("--max-new-tokens", type=number(int, 0), default=120)
+    p.add_argument("--temperature", type=number(float, 0.0), default=0.8)
+    p.add_argument("--top-k", type=number(int, 0), default=50, help="0: no top-k cut")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report", help="append the samples to this report.md")
     args = p.parse_args(argv)
-    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--temperature", args.temperature),
-                        ("--top-k", args.top_k)):
-        if not value >= 0:  # NaN fails too
-            p.error(f"{flag} {value}: must be at least 0")
     torch.manual_seed(args.seed)
     try:
-        prompts = args.prompt + [read_prompt_file(path) for path in args.prompt_file]
+        prompts = args.prompt + [data.read_text(path) for path in args.prompt_file]
         _, model = checkpoint.load_model(args.checkpoint)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None

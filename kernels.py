@@ -8,7 +8,7 @@ autograd.Function that launches them, and a dispatcher that model.py calls:
     attention_block_backward(...)               one K/V block's gradients given the rows' lse (ring)
     rms_norm(x, weight, eps)                    RMSNorm, one read of x per pass, fp32 statistics
     swiglu(gate, up)                            silu(gate) * up, recomputed in backward
-    cross_entropy(logits, targets, ...)         mean loss, no fp32 copy of the logits; optionally an in-place gradient
+    cross_entropy(logits, targets, ...)         mean loss, no fp32 copy of the logits
     linear_cross_entropy(h, weight, targets)    LM head + loss in row chunks (Liger's FLCE)
 
 The dispatcher picks:
@@ -64,14 +64,13 @@ def use_triton(x):
     return x.is_cuda
 
 
-def _autotune(gpu_configs, interpreter_config, key, reset_to_zero=None):
+def _autotune(gpu_configs, interpreter_config, key):
     """triton.autotune over a short list of block sizes on a GPU. Under the interpreter one
     small config: the interpreter is slow, and small blocks exercise the boundary masks.
-    reset_to_zero: outputs a kernel adds into, zeroed before each timed trial. Attention keys on
-    SQ_POW2 and SK_POW2, the lengths rounded up to powers of two (arguments the kernels never
-    read): keyed on exact lengths, each new one (an eval batch, a generated length) would time
-    every config again."""
-    return triton.autotune([interpreter_config] if INTERPRET else gpu_configs, key=key, reset_to_zero=reset_to_zero)
+    Attention keys on SQ_POW2 and SK_POW2, the lengths rounded up to powers of two (arguments
+    the kernels never read): keyed on exact lengths, each new one (an eval batch, a generated
+    length) would time every config again."""
+    return triton.autotune([interpreter_config] if INTERPRET else gpu_configs, key=key)
 
 
 def _dot_precision(x):
@@ -246,19 +245,18 @@ def _dkdv_configs():
 
 
 @_autotune(_dkdv_configs(), triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}),
-           key=["SQ_POW2", "SK_POW2", "HEAD_DIM", "CAUSAL", "ATOMIC_DQ"], reset_to_zero=["DQ_ACC"])
+           key=["SQ_POW2", "SK_POW2", "HEAD_DIM", "CAUSAL"])
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_s,
                    HKV, GROUP, SQ, SK, SQ_POW2, SK_POW2, sm_scale, qk_scale,
-                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_N keys of one (batch, KV head). It loops over every query head of
     the group and every query block that can see these keys, so dK and dV are summed in
     registers and written once: no atomics, and GQA needs no reduction afterwards.
-    (FA2 section 3.1.2, Algorithm 2's outer loop over K/V blocks.)
-    ATOMIC_DQ: also add this block's share of dQ = dS K into DQ_ACC (fp32, zeroed,
-    (B, Hq, SQ, D) contiguous) with atomics, as Algorithm 2 is written, instead of _attn_bwd_dq."""
+    (FA2 section 3.1.2, Algorithm 2's outer loop over K/V blocks; its dQ, which Algorithm 2
+    adds with atomics here, is _attn_bwd_dq's: deterministic, as the Triton tutorial's.)"""
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
     b, kvh = bh // HKV, bh % HKV
@@ -299,10 +297,6 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
             dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             ds_t = p_t * (dp_t - delta[None, :])                                     # dL/d(scaled scores)^T
             dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
-            if ATOMIC_DQ:
-                dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION) * sm_scale   # (BLOCK_M, D)
-                tl.atomic_add(DQ_ACC + (row_ptr + rows[:, None]) * HEAD_DIM + offs_d[None, :], dq,
-                              mask=rows[:, None] < SQ)
     tl.store(DK + b * sk_b + kvh * sk_h + cols[:, None] * sk_s + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * sv_b + kvh * sv_h + cols[:, None] * sv_s + offs_d[None, :],
@@ -415,29 +409,18 @@ class _FlashAttention(torch.autograd.Function):
         return (*_flash_backward(q, k, v, do, lse, delta, ctx.causal, ctx.scale, q.dtype), None, None)
 
 
-# dQ by a second kernel (False) or by atomic adds from the dK/dV kernel (True). The second
-# kernel recomputes Q K^T and dO V^T; the atomics contend on every dQ row and make its sums
-# order-dependent (run to run, not bitwise reproducible). bench/kernels.py times both ("ours,
-# atomic dQ"). Not yet measured on a GPU: until then the deterministic one.
-ATOMIC_DQ = False
-
-
 def _flash_backward(q, k, v, do, lse, delta, causal, scale, grad_dtype):
     """dQ, dK, dV in grad_dtype from the row log-sum-exp and delta (FA2 section 3.1.2)."""
     B, H, SQ, D = q.shape
     HKV, SK = k.shape[1], k.shape[2]
     # empty_like keeps the strides of q, k, v (see _dense), which the kernels write through.
     dq, dk, dv = (torch.empty_like(t, dtype=grad_dtype) for t in (q, k, v))
-    dq_acc = torch.zeros(B, H, SQ, D, device=q.device, dtype=torch.float32) if ATOMIC_DQ else dq
     args = (*_s(q), *_s(k), *_s(v), *_s(do))
     meta = dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q))
     qk_scale = scale * math.log2(math.e)
     lengths = (SQ, SK, triton.next_power_of_2(SQ), triton.next_power_of_2(SK))
     _attn_bwd_dkdv[lambda m: (triton.cdiv(SK, m["BLOCK_N"]), B * HKV)](
-        q, k, v, do, lse, delta, dk, dv, dq_acc, *args, HKV, H // HKV, *lengths, scale, qk_scale,
-        ATOMIC_DQ=ATOMIC_DQ, **meta)
-    if ATOMIC_DQ:
-        return dq.copy_(dq_acc), dk, dv
+        q, k, v, do, lse, delta, dk, dv, *args, HKV, H // HKV, *lengths, scale, qk_scale, **meta)
     _attn_bwd_dq[lambda m: (triton.cdiv(SQ, m["BLOCK_M"]), B * H)](
         q, k, v, do, lse, delta, dq, *args, H, H // HKV, *lengths, scale, qk_scale, **meta)
     return dq, dk, dv
@@ -746,30 +729,27 @@ def _ce_grad(logits, targets, lse, scale, ignore_index, z_loss, out):
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, z_loss, inplace_backward):
+    def forward(ctx, logits, targets, ignore_index, z_loss):
         logits, targets = _rows(logits), targets.contiguous()
         loss, lse = _ce_rows(logits, targets, ignore_index, z_loss)
         n_kept = (targets != ignore_index).sum()
         ctx.save_for_backward(logits, targets, lse, n_kept)
-        ctx.ignore_index, ctx.z_loss, ctx.inplace_backward = ignore_index, z_loss, inplace_backward
+        ctx.ignore_index, ctx.z_loss = ignore_index, z_loss
         return loss.sum() / n_kept                     # 0/0 = nan when every target is ignored, like torch
 
     @staticmethod
     def backward(ctx, grad):
         logits, targets, lse, n_kept = ctx.saved_tensors
-        out = logits if ctx.inplace_backward else torch.empty_like(logits)
-        dlogits = _ce_grad(logits, targets, lse, grad.float() / n_kept, ctx.ignore_index, ctx.z_loss, out=out)
-        return dlogits, None, None, None, None
+        dlogits = _ce_grad(logits, targets, lse, grad.float() / n_kept, ctx.ignore_index, ctx.z_loss,
+                           out=torch.empty_like(logits))
+        return dlogits, None, None, None
 
 
-def cross_entropy(logits, targets, ignore_index=-100, z_loss=0.0, inplace_backward=False):
-    """logits (N, V), targets (N,) -> mean loss over targets != ignore_index (+ z-loss).
-    inplace_backward: the backward writes the gradient over the logits instead of into a new
-    (N, V) tensor (flash-attn's switch of that name), for callers that no longer need the
-    logits after the loss; at a large vocabulary that tensor is the biggest of the step."""
+def cross_entropy(logits, targets, ignore_index=-100, z_loss=0.0):
+    """logits (N, V), targets (N,) -> mean loss over targets != ignore_index (+ z-loss)."""
     if not use_triton(logits):
         return cross_entropy_ref(logits, targets, ignore_index, z_loss)
-    return _CrossEntropy.apply(logits, targets, ignore_index, z_loss, inplace_backward)
+    return _CrossEntropy.apply(logits, targets, ignore_index, z_loss)
 
 
 # ----------------------------------------------------------------------------------------

@@ -6,8 +6,7 @@
 
 The loop (`train`) reads top to bottom: each step is `train_step`; validation, benchmarks,
 checkpoints, skipped steps and rollbacks are functions of their own over the `Run` that
-`start` builds. The config lives in config.py, checkpoint I/O and model building in
-checkpoint.py, the parallel layouts in parallel.py.
+`start` builds. The config is config.py's; checkpoints and model building are checkpoint.py's.
 """
 import argparse
 import gc
@@ -356,9 +355,10 @@ def restore(run, path, weights=True):
     """Put a checkpoint's weights (unless the model was just built from it), optimizer state,
     step, counters, loader position and RNG state back into the run."""
     if weights:
-        checkpoint.fill(run.model, checkpoint.file_source([os.path.join(path, "model.safetensors")]), run.grid)
+        checkpoint.fill(run.model, checkpoint.file_source([os.path.join(path, "model.safetensors")]), run.grid, path)
     checkpoint.load_optimizer_state(run.optimizer, run.named, path, run.grid)
-    state = checkpoint.read_state(path)
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
     run.step, run.counters = state["step"], state["counters"]
     run.loader.load_state_dict(state["loader"])
     torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))

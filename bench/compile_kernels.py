@@ -71,9 +71,6 @@ def record_launches(dtype, head_dims):
             backward(kernels.attention(q, k, v, causal=True), q, k, v)
             lse, delta = torch.zeros(1, 4, 256), torch.zeros(1, 4, 256)
             kernels.attention_block_backward(q, k, v, q, lse, delta, causal=False)   # ring attention's block
-            kernels.ATOMIC_DQ = not kernels.ATOMIC_DQ                                  # the other dQ
-            backward(kernels.attention(q, k, v, causal=True), q, k, v)
-            kernels.ATOMIC_DQ = not kernels.ATOMIC_DQ
         x, w = torch.randn(64, 4096, dtype=dtype, requires_grad=True), torch.ones(4096, dtype=dtype, requires_grad=True)
         backward(kernels.rms_norm(x, w, 1e-5), x, w)
         gate, up = (torch.randn(64, 14336, dtype=dtype, requires_grad=True) for _ in range(2))
@@ -129,7 +126,7 @@ def configs_of(kernel, first_only):
 def describe(meta):
     """(blocks, warps, stages, the other constexprs) of one launch's keyword arguments."""
     blocks = "x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK") if k in meta)
-    fixed = ",".join(f"{k}={meta[k]}" for k in ("HEAD_DIM", "CAUSAL", "ATOMIC_DQ", "BLOCK_V") if k in meta)
+    fixed = ",".join(f"{k}={meta[k]}" for k in ("HEAD_DIM", "CAUSAL", "BLOCK_V") if k in meta)
     return blocks, meta.get("num_warps", 4), meta.get("num_stages", 3), fixed
 
 

@@ -7,8 +7,8 @@
 #
 # Each step has its own time limit and writes its own file as it goes, so a step that runs
 # long costs only itself and a cut run keeps what it measured. The attention table comes
-# first: it is what the README is missing and what the tuning decisions (block sizes,
-# atomic dQ or not) are read from. The tests compile many autotune configs on first use,
+# first: it is what the README is missing and what the tuning decisions (block sizes)
+# are read from. The tests compile many autotune configs on first use,
 # which is most of their time.
 set -u
 cd "$(dirname "$0")/.."

@@ -9,9 +9,6 @@ the FlashAttention-2 paper's setting), S from 512 to 16k, head dim 64 and 128, c
     ours   kernels.attention (Triton, FlashAttention-2)
     sdpa   torch's scaled_dot_product_attention pinned to one backend, named in the table
     eager  softmax(q k^T * scale) v in plain torch (it materialises S x S: OOM is reported)
-    ours, atomic dQ   the same with kernels.ATOMIC_DQ: dQ by atomic adds from the dK/dV
-                      kernel instead of a second kernel (forward+backward only; the issue's
-                      "without atomics, or with if faster: measure")
 TFLOP/s counts 4 * B * H * S^2 * D per forward (halved when causal) and 2.5x that for the
 backward, so forward+backward is 3.5x; "peak" is the memory allocated above the inputs.
 "err" is ours against sdpa: max |difference| of the outputs on the fwd row, of dQ, dK and dV
@@ -99,18 +96,12 @@ def pinned_sdpa(q, k, v, causal):
 
 def attention_errors(q, k, v, dout, causal, sdpa):
     """{(impl, pass): max |ours - sdpa|} over the output (fwd) or over dQ, dK, dV (fwd+bwd)."""
-    def outputs(f, atomic_dq=False):
-        kernels.ATOMIC_DQ = atomic_dq
+    def outputs(f):
         out = f(q, k, v, causal)
         return [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
-    want = outputs(sdpa)
-    errs = {}
-    for name, atomic_dq in (("ours", False), ("ours, atomic dQ", True)):
-        got = outputs(kernels.attention, atomic_dq)
-        errs[name, "fwd"] = (got[0] - want[0]).abs().max().item()
-        errs[name, "fwd+bwd"] = max((g - w).abs().max().item() for g, w in zip(got[1:], want[1:]))
-    kernels.ATOMIC_DQ = False
-    return errs
+    want, got = outputs(sdpa), outputs(kernels.attention)
+    return {("ours", "fwd"): (got[0] - want[0]).abs().max().item(),
+            ("ours", "fwd+bwd"): max((g - w).abs().max().item() for g, w in zip(got[1:], want[1:]))}
 
 
 def attention_table(seqs, head_dims, dtype, tokens, hidden):
@@ -126,14 +117,10 @@ def attention_table(seqs, head_dims, dtype, tokens, hidden):
                 dout = torch.randn_like(q)
                 fwd_flops = 4 * B * H * S * S * D / (2 if causal else 1)
                 sdpa, sdpa_name = pinned_sdpa(q, k, v, causal)
-                impls = {"ours": kernels.attention, "ours, atomic dQ": kernels.attention,
-                         f"sdpa ({sdpa_name})": sdpa, "eager": eager_attention}
+                impls = {"ours": kernels.attention, f"sdpa ({sdpa_name})": sdpa, "eager": eager_attention}
                 errs = attention_errors(q, k, v, dout, causal, sdpa)
                 for name, f in impls.items():
                     for mode, flops, grad in (("fwd", fwd_flops, None), ("fwd+bwd", 3.5 * fwd_flops, dout)):
-                        if name == "ours, atomic dQ" and mode == "fwd":
-                            continue              # the same forward as ours
-                        kernels.ATOMIC_DQ = name == "ours, atomic dQ"   # read when the backward runs
                         try:
                             ms, mem = measure(f, (q, k, v, causal), grad)
                             cells = f"{ms:8.3f} | {flops / ms / 1e9:7.1f} | {mem:8.2f}"

@@ -8,7 +8,6 @@
   diff       OUT_A OUT_B                       what differs between two runs' manifests
   classifier --positive F.. --negative F.. --out model.npz   train the quality classifier
   lm         --docs F.. --out lm.json.gz [--calibrate F..]   train the n-gram LM (perplexity)
-  corpus     --tree DIR|stdlib --out docs.jsonl.gz    documents from a local tree of text/code
   tokenizer  --docs F [F ...] --vocab-size N --out tokenizer.json
   tokenize   --docs F [F ...] --tokenizer tokenizer.json --out DIR [--workers W]
 
@@ -57,7 +56,7 @@ def cmd_plan(args):
     recipe = load_recipe(args.recipe, args.set)
     for s in compile_stages(recipe, args.tasks):
         steps = [st["name"] for st in s.get("steps", [])]
-        extra = [s[k] if k != "substring" else "substring_dedup" for k in ("dedup", "substring") if s.get(k)]
+        extra = [s["dedup"]] if s.get("dedup") else []
         print(f"{s['name']:<16} {s['tasks']:>4} task(s)  {' '.join(extra + steps)}")
 
 
@@ -92,17 +91,6 @@ def cmd_lm(args):
     lm.save(args.out, cutoffs)
     print(f"lm: order {args.order}, {lm.vocab_size:,} words from {len(texts)} documents; perplexity cutoffs "
           f"(33rd, 66th percentile of {len(calib)} docs) {cutoffs[0]:.0f}, {cutoffs[1]:.0f} -> {args.out}")
-
-
-def cmd_corpus(args):
-    root = readers.stdlib_root() if args.tree == "stdlib" else args.tree
-    errors = []
-    t0 = time.time()
-    n = readers.write_jsonl(readers.read_tree(root, tuple(args.suffix), errors), args.out)
-    print(f"corpus: {n} documents from {root} -> {args.out} in {time.time() - t0:.1f}s; "
-          f"{len(errors)} unreadable files")
-    for e in errors[:5]:
-        print(f"  unreadable: {e['file']}: {e['error']}")
 
 
 def cmd_tokenizer(args):
@@ -179,11 +167,6 @@ def main(argv=None):
     m.add_argument("--order", type=int, default=quality.KN_ORDER)
     m.add_argument("--out", required=True)
     m.set_defaults(fn=cmd_lm)
-    c = sub.add_parser("corpus", help="documents from a local tree of text and code files")
-    c.add_argument("--tree", required=True, help="a directory, or 'stdlib' for this Python's standard library")
-    c.add_argument("--suffix", nargs="+", default=list(readers.TEXT_SUFFIXES))
-    c.add_argument("--out", required=True)
-    c.set_defaults(fn=cmd_corpus)
     t = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
     t.add_argument("--docs", nargs="+", required=True)
     t.add_argument("--vocab-size", type=int, default=8192)

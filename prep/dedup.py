@@ -1,12 +1,10 @@
-"""Deduplication: exact (hash of normalised text, or a Bloom filter), MinHash LSH near-
-duplicates in stages, and exact-substring removal with a suffix array.
+"""Deduplication: exact (hash of normalised text) and MinHash LSH near-duplicates in stages.
 
 Documents are named by their global number g = (documents in earlier tasks) + index in
 task, so every stage's result is independent of how many workers ran it. In a cluster of
 duplicates the document with the smallest number is kept.
 """
 import hashlib
-import math
 import zlib
 
 import numpy as np
@@ -113,91 +111,3 @@ def exact_duplicates(hashes):
     """root[g] = first document with the same hash (global order)."""
     _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
     return first[inverse.ravel()].astype(np.int64)
-
-
-class BloomFilter:
-    """A set of 64-bit hashes in m bits with k probes (double hashing, Kirsch and
-    Mitzenmacher 2006): constant memory, false positives at rate ~error, no false negatives."""
-
-    def __init__(self, capacity, error=0.001):
-        self.m = max(64, int(-capacity * math.log(error) / math.log(2) ** 2))
-        self.k = max(1, round(self.m / capacity * math.log(2)))
-        self.bits = np.zeros((self.m + 7) // 8, np.uint8)
-
-    def add(self, h):
-        """Insert h; True when it was (probably) there already."""
-        h1, h2 = h & 0xFFFFFFFF, (h >> 32) | 1
-        pos = [(h1 + i * h2) % self.m for i in range(self.k)]
-        present = all(self.bits[p >> 3] >> (p & 7) & 1 for p in pos)
-        for p in pos:
-            self.bits[p >> 3] |= 1 << (p & 7)
-        return present
-
-
-def bloom_duplicates(hashes, capacity=None, error=0.001):
-    """root[g] = g for documents seen first, -1 for (probable) repeats: a one-pass stream."""
-    bloom = BloomFilter(capacity or max(1, len(hashes)), error)
-    return np.array([-1 if bloom.add(int(h)) else g for g, h in enumerate(hashes)], dtype=np.int64)
-
-
-# --- exact substrings (Lee et al. 2022, "Deduplicating training data makes LMs better") ---
-
-# Lee et al. remove repeated spans of at least 50 BPE tokens; at ~4 characters a token, 200.
-SUBSTRING_MIN_CHARS = 200
-
-
-def prefix_ranks(x, depth):
-    """Rank of every suffix of x by its first `depth` symbols (depth a power of two), by
-    prefix doubling: ranks for length 2k are the sorted pairs (rank_k[i], rank_k[i + k])."""
-    rank = np.unique(x, return_inverse=True)[1].ravel().astype(np.int64)
-    k = 1
-    while k < depth:
-        second = np.full(len(x), -1, np.int64)
-        second[:-k] = rank[k:]
-        order = np.lexsort((second, rank))
-        change = np.ones(len(x), np.int64)
-        change[0] = 0
-        change[1:] = (rank[order][1:] != rank[order][:-1]) | (second[order][1:] != second[order][:-1])
-        rank = np.empty(len(x), np.int64)
-        rank[order] = np.cumsum(change)
-        k *= 2
-    return rank
-
-
-def repeated_spans(texts, min_chars=SUBSTRING_MIN_CHARS):
-    """For each text, a boolean mask of the characters inside a span of >= min_chars that
-    already occurred earlier (in this text or an earlier one). The first occurrence stays.
-
-    The texts are concatenated with a distinct separator after each (so no match crosses
-    a document), suffixes are sorted to depth min_chars — the suffix array cut at the depth
-    we need — and every group of equal prefixes except its leftmost start is marked."""
-    parts, sep = [], 0x110000  # above every code point
-    for i, t in enumerate(texts):
-        parts += [np.frombuffer(t.encode("utf-32-le"), np.uint32).astype(np.int64), np.array([sep + i])]
-    x = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-    n = len(x)
-    if n <= min_chars:
-        return [np.zeros(len(t), bool) for t in texts]
-    k = 1 << int(math.log2(min_chars))
-    rank = prefix_ranks(x, k)
-    starts = np.arange(n - min_chars + 1)  # equal (rank_k[i], rank_k[i + L - k]) <=> equal L-prefix
-    first, second = rank[starts], rank[starts + min_chars - k]
-    order = np.lexsort((starts, second, first))
-    same = (first[order][1:] == first[order][:-1]) & (second[order][1:] == second[order][:-1])
-    later = order[1:][same]  # not the leftmost of its group (ties are sorted by position)
-    cover = np.zeros(n + 1, np.int64)
-    np.add.at(cover, later, 1)
-    np.add.at(cover, later + min_chars, -1)
-    mask = np.cumsum(cover[:n]) > 0
-    out, pos = [], 0
-    for t in texts:
-        out.append(mask[pos:pos + len(t)])
-        pos += len(t) + 1
-    return out
-
-
-def remove_spans(text, mask):
-    if not mask.any():
-        return text
-    cps = np.frombuffer(text.encode("utf-32-le"), np.uint32)
-    return cps[~mask].tobytes().decode("utf-32-le")

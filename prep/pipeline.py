@@ -228,13 +228,12 @@ def _duplicates(r, stage, task):
 
 
 def docs_task(r, stage, task):
-    """Read this task's documents, apply dedup removals, substring dedup and the steps in
-    order; write kept documents, samples of removed ones, and the accounting."""
+    """Read this task's documents, apply dedup removals and the steps in order; write kept
+    documents, samples of removed ones, and the accounting."""
     errors, removed_samples = [], []
     cap = r.recipe["output"]["removed_samples"]
     steps = [(s["name"], DOC_STEPS[s["name"]], {k: v for k, v in s.items() if k != "name"}) for s in stage["steps"]]
-    names = (["read"] + ([stage["dedup"]] if stage.get("dedup") else [])
-             + (["substring_dedup"] if stage.get("substring") else []) + [n for n, _, _ in steps])
+    names = ["read"] + ([stage["dedup"]] if stage.get("dedup") else []) + [n for n, _, _ in steps]
     stats = {n: {"in": 0, "kept": 0, "removed": {}, "errored": 0, "counters": {}} for n in names}
     dups = _duplicates(r, stage, task)
 
@@ -250,10 +249,7 @@ def docs_task(r, stage, task):
         errors.append({"location": where, "id": doc["id"], "step": step, "error": f"{type(e).__name__}: {e}"})
 
     def documents():
-        items = list(_source(r, stage, task, errors)) if stage.get("substring") else _source(r, stage, task, errors)
-        if stage.get("substring"):
-            masks = dedup.repeated_spans([d["text"] for d, _ in items], stage["substring"]["min_chars"])
-        for i, (doc, where) in enumerate(items):
+        for i, (doc, where) in enumerate(_source(r, stage, task, errors)):
             stats["read"]["kept"] += 1
             if i in dups:
                 stats[stage["dedup"]]["in"] += 1
@@ -263,18 +259,6 @@ def docs_task(r, stage, task):
             if stage.get("dedup"):
                 stats[stage["dedup"]]["in"] += 1
                 stats[stage["dedup"]]["kept"] += 1
-            if stage.get("substring"):
-                s = stats["substring_dedup"]
-                s["in"] += 1
-                n_removed = int(masks[i].sum())
-                if n_removed:
-                    s["counters"]["chars_removed"] = s["counters"].get("chars_removed", 0) + n_removed
-                    s["counters"]["documents_changed"] = s["counters"].get("documents_changed", 0) + 1
-                    doc = {**doc, "text": dedup.remove_spans(doc["text"], masks[i])}
-                if not doc["text"].strip():
-                    remove("substring_dedup", doc, "empty", where)
-                    continue
-                s["kept"] += 1
             yield doc, where
 
     def kept():
@@ -359,9 +343,7 @@ def clusters_task(r, stage, task):
     ids = [i for task_ids in ids_per_task for i in task_ids]
     if stage["dedup"] == "exact_dedup":
         hashes = np.concatenate([np.load(r.path(first["name"], f"hashes_{t:05d}.npy")) for t in range(r.n_tasks)])
-        st = stage["settings"]
-        root = (dedup.bloom_duplicates(hashes, None, st["bloom_error"]) if st["bloom"]
-                else dedup.exact_duplicates(hashes))
+        root = dedup.exact_duplicates(hashes)
     else:
         b = _previous(r, stage, "buckets")
         edges = [np.load(r.path(b["name"], f"edges_{i:05d}.npy")) for i in range(b["tasks"])]

@@ -30,10 +30,9 @@ DOC_STEPS = {
 }
 # Steps that see all documents, with their settings and defaults.
 GLOBAL_STEPS = {
-    "exact_dedup": {"bloom": False, "bloom_error": 0.001},
+    "exact_dedup": {},
     "minhash_dedup": {"ngram": dedup.MINHASH_NGRAM, "bands": dedup.MINHASH_BANDS, "rows": dedup.MINHASH_ROWS,
                       "seed": 1},
-    "substring_dedup": {"min_chars": dedup.SUBSTRING_MIN_CHARS},
     "shuffle": {"seed": 0},
     "tokenizer": {"vocab_size": 8192, "sample_chars": 50_000_000, "seed": 0},
     "tokenize": {"val_fraction": 0.005, "shard_tokens": 1 << 24, "tokenizer": ""},
@@ -112,7 +111,7 @@ def compile_stages(recipe, n_tasks):
 
     def close(next_source):
         nonlocal docs
-        if docs["steps"] or docs["source"] != "docs" or docs.get("dedup") or docs.get("substring"):
+        if docs["steps"] or docs["source"] != "docs" or docs.get("dedup"):
             stages.append(docs)
         docs = {"kind": "docs", "tasks": n_tasks, "source": next_source, "steps": []}
     for step in recipe["step"]:
@@ -123,9 +122,7 @@ def compile_stages(recipe, n_tasks):
             docs["steps"].append(step)
             continue
         close("docs")
-        if name == "substring_dedup":
-            docs["substring"] = settings
-        elif name in ("exact_dedup", "minhash_dedup"):
+        if name in ("exact_dedup", "minhash_dedup"):
             kind = "hashes" if name == "exact_dedup" else "signatures"
             stages.append({"kind": kind, "tasks": n_tasks, "settings": settings})
             if name == "minhash_dedup":

@@ -11,7 +11,7 @@ docstrings). Benchmarks default to ../shared/data/eval (HellaSwag, ARC-Easy, PIQ
 Winogrande); without them only the bits per byte are compared. Run from the repository
 root; configs/ablation.toml holds the model and schedule. Prints, per task, both curves side
 by side, the signal report of each corpus across seeds, and each model's bits per byte on
-both validation sets; writes curves.png when matplotlib is installed.
+both validation sets.
 """
 import argparse
 import ast
@@ -21,7 +21,6 @@ import random
 import statistics
 import subprocess
 import sys
-import sysconfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -30,25 +29,15 @@ BENCHMARKS = {"hellaswag": "hellaswag_val_1000.jsonl", "arc_easy": "arc_easy_tes
               "winogrande": "winogrande_dev.jsonl"}
 
 
-def python_files():
-    root = sysconfig.get_paths()["stdlib"]
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__"))
-        yield from (os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
+def code_docs():
+    """Every readable .py file of this interpreter's standard library."""
+    from prep import readers
+    return (doc["text"] for doc in readers.read_tree(readers.stdlib_root(), (".py",)))
 
 
 def read(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (UnicodeDecodeError, OSError):
-        return None
-
-
-def code_docs():
-    for path in python_files():
-        if (text := read(path)) is not None:
-            yield text
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 def prose_docs():
@@ -56,9 +45,9 @@ def prose_docs():
     ../shared/data, the docstrings of the standard library."""
     text_dir = os.path.join(SHARED, "text")
     if not os.path.isdir(text_dir):
-        for path in python_files():
+        for code in code_docs():
             try:
-                tree = ast.parse(read(path) or "")
+                tree = ast.parse(code)
             except (SyntaxError, ValueError):
                 continue
             nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef))]
@@ -71,7 +60,8 @@ def prose_docs():
     if os.path.exists(c4):
         yield from (json.loads(line)["text"] for line in open(c4, encoding="utf-8"))
     for name in ("kjv_bible.txt", "tinyshakespeare.txt", "alice29.txt"):
-        yield read(os.path.join(text_dir, name)) or ""
+        if os.path.exists(os.path.join(text_dir, name)):
+            yield read(os.path.join(text_dir, name))
 
 
 def write_corpus(docs, path, max_bytes, seed=0):
@@ -116,27 +106,6 @@ def side_by_side(runs, corpora, key):
     return "\n".join(lines)
 
 
-def plot(runs, corpora, keys, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib is not installed: no plot; the tables above hold the same curves)")
-        return
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for c in corpora:
-            for i, r in enumerate(runs[c]):
-                ax.plot(*zip(*r[key]), color=f"C{corpora.index(c)}", label=c if i == 0 else None)
-        ax.set_title(key.removeprefix("eval/"))
-        ax.set_xlabel("step")
-    axes[0][0].legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    print(f"plot -> {path}")
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/ablation")
@@ -171,7 +140,7 @@ def main():
             sets = [f"data.train={out}/tokens_{c}/train_*.bin", f"data.val={out}/tokens_{c}/val_*.bin",
                     f"log.dir={out}/{c}_seed{seed}", f"data.seed={seed}", f"optim.steps={args.steps}",
                     f"eval.tasks={tasks}", f"eval.every={max(1, args.steps // 6) if tasks else 0}"]
-            run([sys.executable, "train.py", "--config", "configs/ablation.toml"]
+            run([sys.executable, "train.py", "--config", "configs/ablation.toml", "--start-over"]
                 + [arg for s in sets for arg in ("--set", s)])
 
     # 3. The curves side by side, each corpus's signal report, and bits per byte across domains.
@@ -193,8 +162,6 @@ def main():
         _, model = checkpoint.load_model(checkpoint.step_dirs(f"{out}/{c}_seed{args.seeds[0]}/checkpoints")[-1])
         bpb = [evaluation.shards_bpb(model, f"{out}/tokens_{v}/val_*.bin", batches=8)["bpb"] for v in corpora]
         print(f"{c:>6} " + " ".join(f"{b:>8.3f}" for b in bpb))
-    if tasks:
-        plot(runs, corpora, [k for k in sorted(runs["code"][0]) if k.endswith("_" + metric)], f"{out}/curves.png")
 
 
 if __name__ == "__main__":

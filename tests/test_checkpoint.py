@@ -138,7 +138,7 @@ def test_corrupt_and_truncated_checkpoints_are_named_and_skipped(nproc, straight
     assert all(got[s] == want[s] for s in range(5, STEPS + 1))
 
 
-def failing_sha256(step, real=checkpoint.sha256):
+def failing_sha256(step, real=checkpoint.file_sha256):
     """sha256 that fails for the files of one checkpoint: its writer dies part-way, after the
     tensors are written and before the manifest."""
     def sha256(path):
@@ -149,7 +149,7 @@ def failing_sha256(step, real=checkpoint.sha256):
 
 
 def _train_with_failing_write(cfg):
-    checkpoint.sha256 = failing_sha256(8)
+    checkpoint.file_sha256 = failing_sha256(8)
     train.train(cfg)
 
 
@@ -157,7 +157,7 @@ def _train_with_failing_write(cfg):
 def test_failed_write_keeps_earlier_checkpoints_and_is_reported(nproc, tiny_config, tmp_path, monkeypatch):
     cfg, _ = config(tiny_config, tmp_path, "diskfull", nproc, optim=dict(steps=14))
     if nproc == 1:
-        monkeypatch.setattr(checkpoint, "sha256", failing_sha256(8))
+        monkeypatch.setattr(checkpoint, "file_sha256", failing_sha256(8))
         train.train(cfg)
     else:
         spawn(2, _train_with_failing_write, cfg)

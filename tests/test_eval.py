@@ -425,26 +425,6 @@ def test_spearman_and_signal_report_by_hand():
     assert flat["seed_std"] is None and flat["monotonicity"] == 0.0 and evaluation.verdict(flat) == "low signal"
 
 
-def test_signal_cli_over_checkpoints_of_two_seeds(tiny_config, tmp_path, capsys):
-    import train
-    runs = []
-    for seed in (0, 1):
-        cfg = tiny_config(optim=dict(steps=4), data=dict(seed=seed), checkpoint=dict(every=2),
-                          log=dict(dir=str(tmp_path / f"seed{seed}"), every=2))
-        train.train(cfg)
-        runs.append(cfg.log.dir)
-    evaluation.main(["--signal", *runs, "--tasks", task_spec(tmp_path), "--out", str(tmp_path / "signal.json")])
-    report = json.load(open(tmp_path / "signal.json"))["signal"]
-    assert set(report) == {"hellaswag", "winogrande", "custom"}
-    for task, s in report.items():
-        assert {run: [step for step, _ in c] for run, c in s["curves"].items()} == {r: [2, 4] for r in runs}
-        # Two points per run: Spearman is +1 when the score rose, -1 when it fell, 0 when flat.
-        signs = [(b > a) - (b < a) for (_, a), (_, b) in s["curves"].values()]
-        assert s["monotonicity"] == pytest.approx(sum(signs) / 2)
-        assert s["random"] == {"hellaswag": 0.25, "winogrande": 0.5, "custom": 0.5}[task]  # 1 / choices
-    assert "| hellaswag |" in capsys.readouterr().out
-
-
 # ----------------------------------------------------------------------------------------
 # The real benchmark files (skipped when ../shared/data is absent)
 

@@ -11,10 +11,10 @@ def infer_error(capsys, *argv):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--top-k", "-1"], "--top-k -1: must be at least 0"),
-    (["--temperature", "-1"], "--temperature -1.0: must be at least 0"),
-    (["--temperature", "nan"], "--temperature nan: must be at least 0"),
-    (["--max-new-tokens", "-3"], "--max-new-tokens -3: must be at least 0"),
+    (["--top-k", "-1"], "argument --top-k: -1: must be at least 0"),
+    (["--temperature", "-1"], "argument --temperature: -1: must be at least 0.0"),
+    (["--temperature", "nan"], "argument --temperature: nan: must be at least 0.0"),
+    (["--max-new-tokens", "-3"], "argument --max-new-tokens: -3: must be at least 0"),
 ])
 def test_bad_sampling_arguments_are_refused(capsys, tmp_path, argv, message):
     code, err = infer_error(capsys, "--checkpoint", str(tmp_path), *argv)

@@ -1,5 +1,5 @@
 """Dedup against independent references: exact Jaccard from Python sets, a naive scan for
-repeated substrings, the LSH candidate probability, and the single-task result."""
+the LSH candidate probability, and the single-task result."""
 import random
 
 import numpy as np
@@ -82,52 +82,3 @@ def test_exact_duplicates_normalise_and_keep_first():
     texts = ["Hello, World! 2024", "something else", "hello world 1999", "HELLO   world\n0000", "else something"]
     root = dedup.exact_duplicates(np.array([dedup.text_hash(t) for t in texts], dtype=np.uint64))
     assert root.tolist() == [0, 1, 0, 0, 4]  # digits normalise to 0, case and punctuation go
-
-
-def test_bloom_filter_has_no_false_negatives_and_bounded_false_positives():
-    rng = np.random.default_rng(0)
-    hashes = rng.integers(0, 2**63, 20_000, dtype=np.uint64)
-    stream = np.concatenate([hashes, hashes[:5000]])  # 5000 exact repeats at the end
-    root = dedup.bloom_duplicates(stream, capacity=len(hashes), error=0.01)
-    assert (root[20_000:] == -1).all()
-    false_pos = (root[:20_000] == -1).mean()
-    assert false_pos < 0.03  # ~0.01 at capacity
-
-
-def naive_repeated(texts, L):
-    """Mark [p, p + L) when the L characters at p occurred at an earlier position of the
-    concatenation, never across a document boundary: the definition, by brute force."""
-    seen, masks = set(), []
-    for t in texts:
-        m = np.zeros(len(t), bool)
-        for p in range(len(t) - L + 1):
-            s = t[p:p + L]
-            if s in seen:
-                m[p:p + L] = True
-            else:
-                seen.add(s)
-        masks.append(m)
-    return masks
-
-
-def test_repeated_spans_match_brute_force():
-    rng = random.Random(3)
-    for L in (5, 8, 13):
-        texts = ["".join(rng.choice("ab") for _ in range(rng.randrange(0, 60))) for _ in range(6)]
-        got = dedup.repeated_spans(texts, L)
-        for g, want in zip(got, naive_repeated(texts, L)):
-            assert g.tolist() == want.tolist()
-
-
-def test_substring_dedup_removes_a_planted_span():
-    rng = random.Random(4)
-    span = " ".join(words(60, rng))  # ~300 characters
-    short = " ".join(words(20, rng))  # ~100 characters: under the 200-character threshold
-    a = " ".join(words(100, rng)) + " " + span + " " + short + " end"
-    b = " ".join(words(100, rng)) + " " + short + " mid " + span + " tail é"
-    masks = dedup.repeated_spans([a, b])
-    assert not masks[0].any()  # the first occurrence stays
-    start = b.index(span) - 1  # " " + span + " " occurs in both
-    end = start + len(span) + 2
-    assert masks[1][start:end].all() and masks[1].sum() == end - start
-    assert dedup.remove_spans(b, masks[1]) == b[:start] + b[end:]

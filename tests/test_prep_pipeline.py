@@ -231,31 +231,6 @@ name = "minhash_dedup"
     assert kept[1] == [d["id"] for i, d in enumerate(docs) if root[i] == i]
 
 
-def test_bloom_option_finds_the_exact_duplicates(corpus, tmp_path):
-    kept = {}
-    for bloom in (False, True):
-        rec = validate({"input": {"paths": corpus["paths"]}, "step": [{"name": "exact_dedup", "bloom": bloom}]})
-        out = str(tmp_path / f"bloom{bloom}")
-        pipeline.run(rec, out, n_tasks=2, log=lambda *a: None)
-        kept[bloom] = [d["id"] for p in inspection.last_docs_files(out) for d in readers.read_jsonl(p)]
-    assert kept[True] == kept[False] and not any(i.startswith("exact") for i in kept[True])
-
-
-def test_substring_dedup_step_in_a_recipe(tmp_path):
-    rng = random.Random(5)
-    boiler = " ".join(rng.choice(WORDS) for _ in range(60))
-    docs = [{"id": str(i), "text": sentence(rng) + " " + boiler + " " + sentence(rng), "meta": {}} for i in range(5)]
-    readers.write_jsonl(docs, str(tmp_path / "d.jsonl"))
-    recipe = validate({"input": {"paths": [str(tmp_path / "d.jsonl")]},
-                                "step": [{"name": "substring_dedup", "min_chars": 100}]})
-    pipeline.run(recipe, str(tmp_path / "o"), n_tasks=1, log=lambda *a: None)
-    out = [d["text"] for p in inspection.last_docs_files(str(tmp_path / "o")) for d in readers.read_jsonl(p)]
-    assert boiler in out[0] and all(boiler not in t for t in out[1:])
-    stages = load(str(tmp_path / "o"), "stats.json")["stages"].values()
-    s = next(st["steps"]["substring_dedup"] for st in stages if "substring_dedup" in st.get("steps", {}))
-    assert s["counters"]["documents_changed"] == 4
-
-
 def test_recipe_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="unknown step.*valid.*gopher_quality"):
         validate({"input": {"paths": ["x"]}, "step": [{"name": "gopher"}]})
