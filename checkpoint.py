@@ -2,15 +2,19 @@
 
     cfg, model = checkpoint.load_model("runs/demo/checkpoints/step_0000600")   # eval, infer, your scripts
     model = checkpoint.load_hf("hf/")   # a transformers Llama/Qwen3 directory in; save_hf(model, dir) out
+    python checkpoint.py export CKPT_DIR OUT_DIR                               # to transformers' format
 
-A checkpoint is step_NNNNNNN/ with model.safetensors (fp32, model.py's names), optimizer.safetensors
-(NAME.exp_avg, NAME.exp_avg_sq, NAME.step), state.json, config.toml, tokenizer.json and manifest.json
-(bytes and sha256 of each), written under a temporary name and renamed once complete.
-Every model, fresh, resumed, evaluated, served or imported, is built by `build_model`: on the
-meta device, cut to this rank's part of the layout, then each parameter filled with its piece
-of a whole tensor, read from a file (memory-mapped, only the piece) or drawn by the initialiser.
+A checkpoint is step_NNNNNNN/, written under a temporary name and renamed once complete:
+model-RRRRR.safetensors and optimizer-RRRRR.safetensors, the pieces rank R owns (its slice of
+a tensor-parallel tensor, its ZeRO slice, one copy of a replicated tensor); index.json, each
+tensor's whole shape and which file holds which box of it; state.json, config.toml,
+tokenizer.json and manifest.json (bytes and sha256 of each file). Every model, fresh, resumed,
+evaluated, served or imported, is built by `build_model`: on the meta device, cut to this
+rank's part of the layout, then each parameter filled with its piece of a whole tensor, read
+(memory-mapped, only the boxes it needs) or drawn by the initialiser.
 """
 import json
+import math
 import os
 import re
 import shutil
@@ -19,6 +23,7 @@ import zlib
 from functools import partial
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -50,14 +55,15 @@ def build_model(cfg: Config, device="cpu", weights=None, grid=None, where="weigh
     if weights is None:
         weights, where = init_source(cfg.model, cfg.data.seed, device), "init"
     elif isinstance(weights, str):
-        weights, where = file_source([os.path.join(weights, "model.safetensors")]), weights
-    fill(model, weights, grid, where)
+        weights, where = checkpoint_source(weights), weights
+    fill(model, model.named_parameters(), weights, grid, where)
     return model
 
 
-def fill(model, source, grid, where):
-    """Copy into each parameter of model (this rank's part) its piece of the source's tensor
-    of that name, after checking the source against the whole model's names and shapes."""
+def fill(model, targets, source, grid, where):
+    """Copy into each (name, tensor) of targets its piece of the source's tensor of that name:
+    a parameter of this rank's part of the model, or a ZeRO slice of one (parallel.piece_of).
+    The source is first checked against the whole model's names and shapes."""
     with torch.device("meta"):
         whole = {n: tuple(p.shape) for n, p in Transformer(model.cfg).named_parameters()}
     for what, names in (("missing", whole.keys() - source.keys()), ("unexpected", source.keys() - whole.keys())):
@@ -67,17 +73,77 @@ def fill(model, source, grid, where):
     if wrong:
         raise CheckpointError(f"{where}: shapes differ from the model's config: " + "; ".join(wrong[:3]))
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, t in targets:
             name = parallel.canonical(name, grid)
-            p.copy_(source[name][1](parallel.shard_spec(name, grid)))
+            t.copy_(source[name][1](*parallel.piece_of(name, t, grid)).view_as(t))
+
+
+def load_weights(model, dp, named, path, grid):
+    """A checkpoint's weights into a built run: under ZeRO each rank reads only its slices
+    and all-gathers the rest (ZeRO-3's blocks gather on use); otherwise its whole part."""
+    source = checkpoint_source(path)
+    fill(model, named if dp.zero else model.named_parameters(), source, grid, path)
+    dp.after_step()
+
+
+# A box is a [start, stop) per dimension of a whole tensor. Files hold boxes; a rank wants the
+# box of its tensor-parallel part, or a flat range of it (a ZeRO slice), which is a few boxes.
+
+def part_box(shape, spec):
+    """The box of this rank's tensor-parallel part (parallel.shard_spec) of a tensor of shape."""
+    box = [(0, n) for n in shape]
+    if spec is not None and shape:
+        dim, index, count = spec
+        n = shape[dim] // count
+        box[dim] = (index * n, (index + 1) * n)
+    return box
+
+
+def flat_boxes(box, start, stop):
+    """The flat range [start, stop) of the row-major box (1-D or 2-D) as boxes, in order: a
+    partial first row, whole rows, a partial last row."""
+    (r0, _), *cols = box
+    if not cols:
+        return [[(r0 + start, r0 + stop)]]
+    (c0, c1), = cols
+    width, boxes = c1 - c0, []
+    while start < stop:
+        row, col = divmod(start, width)
+        if col or stop - start < width:   # part of one row
+            end = min(stop, (row + 1) * width)
+            boxes.append([(r0 + row, r0 + row + 1), (c0 + col, c0 + col + end - start)])
+        else:                             # whole rows
+            end = start + (stop - start) // width * width
+            boxes.append([(r0 + row, r0 + end // width), (c0, c1)])
+        start = end
+    return boxes
+
+
+def read_boxes(pieces, shape, spec, flat=None):
+    """This rank's part (spec) of a whole tensor, or the flat range `flat` of that part,
+    assembled from the stored pieces [(box, load(sub-box of it) -> tensor)] it overlaps."""
+    box = part_box(shape, spec)
+    wanted = flat_boxes(box, *flat) if flat else [box]
+    out = []
+    for want in wanted:
+        buf = None
+        for have, load in pieces:
+            inter = [(max(a, c), min(b, d)) for (a, b), (c, d) in zip(want, have)]
+            if all(a < b for a, b in inter):
+                part = load([(a - c, b - c) for (a, b), (c, _) in zip(inter, have)])
+                buf = torch.empty([b - a for a, b in want], dtype=part.dtype) if buf is None else buf
+                buf[tuple(slice(a - w, b - w) for (a, b), (w, _) in zip(inter, want))] = part
+        out.append(buf)
+    return torch.cat([t.flatten() for t in out]) if flat else out[0]
 
 
 def init_source(model_cfg: ModelConfig, seed, device):
     """Each tensor drawn whole by model.init_parameter from a generator of its own, seeded with
     the seed and its name: the weights do not depend on the layout or on which rank draws."""
-    def draw(name, shape, spec):
+    def draw(name, shape, spec, flat=None):
         generator = torch.Generator(device).manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-        return parallel.piece(init_parameter(name, torch.empty(shape, device=device), model_cfg, generator), spec)
+        whole = init_parameter(name, torch.empty(shape, device=device), model_cfg, generator)
+        return tensor_source({name: whole})[name][1](spec, flat)
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in Transformer(model_cfg).named_parameters()}
     return {n: (s, partial(draw, n, s)) for n, s in shapes.items()}
@@ -85,13 +151,20 @@ def init_source(model_cfg: ModelConfig, seed, device):
 
 def tensor_source(tensors):
     """A source over whole tensors in memory."""
-    return {n: (tuple(t.shape), partial(parallel.piece, t)) for n, t in tensors.items()}
+    def load(t, box):
+        return t[tuple(slice(a, b) for a, b in box)]
+    return {n: (tuple(t.shape), partial(read_boxes, [(part_box(t.shape, None), partial(load, t))], tuple(t.shape)))
+            for n, t in tensors.items()}
+
+
+def load_box(path, key, box):
+    with safe_open(path, "pt") as f:
+        return f.get_slice(key)[tuple(slice(a, b) for a, b in box)] if box else f.get_tensor(key)
 
 
 def file_source(paths, rename=lambda key: key):
-    """A source over the tensors of safetensors files, each read piece by piece (the files
-    are memory-mapped: a rank reads only what it holds). rename maps a key on disk to
-    model.py's name, or None to skip it."""
+    """A source over whole tensors in safetensors files (a Hugging Face checkpoint). rename
+    maps a key on disk to model.py's name, or None to skip it."""
     source = {}
     for path in paths:
         if not os.path.exists(path):
@@ -99,18 +172,24 @@ def file_source(paths, rename=lambda key: key):
         with safe_open(path, "pt") as f:
             for key in f.keys():
                 if (name := rename(key)) is not None:
-                    source[name] = (tuple(f.get_slice(key).get_shape()), partial(read_piece, path, key))
+                    shape = tuple(f.get_slice(key).get_shape())
+                    pieces = [(part_box(shape, None), partial(load_box, path, key))]
+                    source[name] = (shape, partial(read_boxes, pieces, shape))
     return source
 
 
-def read_piece(path, key, spec):
-    with safe_open(path, "pt") as f:
-        if spec is None or not f.get_slice(key).get_shape():
-            return f.get_tensor(key)
-        dim, index, count = spec
-        part = f.get_slice(key)
-        n = part.get_shape()[dim] // count
-        return part[(slice(None),) * dim + (slice(index * n, (index + 1) * n),)]
+def checkpoint_source(path, kind="model"):
+    """A source over a checkpoint's model or optimizer tensors, through its index.json: each
+    read opens only the pieces that overlap the boxes wanted."""
+    index = os.path.join(path, "index.json")
+    try:
+        with open(index) as f:
+            tensors = json.load(f)[kind]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{index}: unreadable checkpoint index ({type(e).__name__}: {e})") from None
+    return {name: (tuple(t["shape"]), partial(read_boxes, [(box, partial(load_box, os.path.join(path, file), key))
+                                                          for file, key, box in t["pieces"]], tuple(t["shape"])))
+            for name, t in tensors.items()}
 
 
 def load_model(path, device="cpu"):
@@ -121,26 +200,18 @@ def load_model(path, device="cpu"):
 
 
 def load_optimizer_state(optimizer, named, path, grid):
-    """Put a checkpoint's AdamW state back into the optimizer: each tensor sliced to this
-    rank's tp shard and, under ZeRO-1, to the piece of the flat parameter it updates. `step`
-    goes where torch's own load_state_dict puts it: on the parameter's device for fused or
-    capturable AdamW (their kernels reject a CPU step on CUDA), on the CPU otherwise."""
-    file = os.path.join(path, "optimizer.safetensors")
-    with safe_open(file, "pt") as f:
-        keys = set(f.keys())
+    """Put a checkpoint's AdamW state back: for each tensor the optimizer updates (a parameter,
+    or under ZeRO its slice), the same piece of each moment. `step` goes where torch's own
+    load_state_dict puts it: on the parameter's device for fused or capturable AdamW (their
+    kernels reject a CPU step on CUDA), on the CPU otherwise."""
+    source = checkpoint_source(path, "optimizer")
     on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
     for name, t in named:
-        whole = parallel.canonical(name, grid)
-        if f"{whole}.exp_avg" not in keys:
-            continue
-        state = {}
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            value = read_piece(file, f"{whole}.{key}", parallel.shard_spec(whole, grid))
-            if key != "step" and hasattr(t, "zero_slot"):
-                start = t.zero_slot[2]
-                value = value.flatten()[start:start + t.numel()]
-            state[key] = value.to(t.device) if key != "step" or on_device else value.float().cpu()
-        optimizer.state[t] = state
+        if f"{name}.exp_avg" in source:
+            piece = parallel.piece_of(name, t, grid)
+            state = {key: source[f"{name}.{key}"][1](*piece).view_as(t).to(t.device) for key in ("exp_avg", "exp_avg_sq")}
+            step = source[f"{name}.step"][1](None)
+            optimizer.state[t] = {**state, "step": step.to(t.device) if on_device else step.float().cpu()}
 
 
 # ----------------------------------------------------------------------------------------
@@ -153,26 +224,82 @@ def step_dirs(ckpt_dir):
     return sorted(os.path.join(ckpt_dir, d) for d in os.listdir(ckpt_dir) if d.startswith("step_"))
 
 
-def save_checkpoint(ckpt_dir, step, weights, moments, state, cfg, permanent=False):
-    """Write full (consolidated) tensors and state as step_NNNNNNN, atomically: files go to
-    a temporary directory that is renamed only once the manifest is written. Then drop old
-    checkpoints beyond the newest checkpoint.keep, except permanent ones."""
-    final = os.path.join(ckpt_dir, f"step_{step:07d}")
-    tmp = os.path.join(ckpt_dir, f".tmp_step_{step:07d}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file({n: t.float().contiguous() for n, t in weights.items()}, os.path.join(tmp, "model.safetensors"))
-    save_file({n: t.contiguous() for n, t in moments.items()}, os.path.join(tmp, "optimizer.safetensors"))
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump(state, f)
-    with open(os.path.join(tmp, "config.toml"), "w") as f:
-        f.write(to_toml(cfg))
-    tokenizer = data.tokenizer_path(cfg.data.train)
-    shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.json"))
-    files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": file_sha256(os.path.join(tmp, n))}
-             for n in sorted(os.listdir(tmp))}
+def snapshot(model, named, optimizer, grid, zero):
+    """The pieces this rank writes, as CPU copies (what an asynchronous writer writes while
+    training goes on): {"model" | "optimizer": [(name, whole shape, box, tensor)]}. A rank
+    writes its ZeRO slices or, without ZeRO, its whole part if it is dp and cp rank 0; a
+    tensor held whole by every tp rank (or a tied head, by both end stages) by one of them."""
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in Transformer(model.cfg).named_parameters()}
+    mine = named if zero else [(parallel.canonical(n, grid), p) for n, p in model.named_parameters()] \
+        if grid.dp_rank == grid.cp_rank == 0 else []
+    out = {"model": [], "optimizer": []}
+    for name, t in mine:
+        if not parallel.counts_once(name, grid):
+            continue
+        spec, flat = parallel.piece_of(name, t, grid)
+        boxes = flat_boxes(part_box(shapes[name], spec), *flat) if flat else [part_box(shapes[name], spec)]
+        state = optimizer.state.get(t, {})
+        for kind, key, value in [("model", name, t)] + [("optimizer", f"{name}.{k}", state[k]) for k in
+                                                        ("exp_avg", "exp_avg_sq") if k in state]:
+            parts = value.detach().flatten().split([math.prod(b - a for a, b in box) for box in boxes])
+            out[kind] += [(key, shapes[name], box, p.view([b - a for a, b in box]).to("cpu", copy=True))
+                          for box, p in zip(boxes, parts)]
+        if "step" in state:
+            out["optimizer"].append((f"{name}.step", (), [], state["step"].to("cpu", copy=True)))
+    return out
+
+
+def save_checkpoint(ckpt_dir, step, pieces, state, cfg, permanent=False, rank=0, group=None):
+    """Write step_NNNNNNN atomically, every rank its own pieces (snapshot) into a temporary
+    directory; rank 0 then writes the index of where every piece is, the state, and the
+    manifest of every rank's files and their sha256, renames the directory, and drops old
+    checkpoints beyond the newest checkpoint.keep, except permanent ones. `group` (a gloo
+    group of every rank) lets ranks wait for each other from the writer thread."""
+    final, tmp = (os.path.join(ckpt_dir, f"{p}step_{step:07d}") for p in ("", ".tmp_"))
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if group is not None:
+        dist.barrier(group=group)
+    try:
+        index, files = {"model": {}, "optimizer": {}}, {}
+        for kind, entries in pieces.items():
+            name = f"{kind}-{rank:05d}.safetensors"
+            tensors = {f"{key}#{i}": t.contiguous() for i, (key, _, _, t) in enumerate(entries)}
+            for i, (key, shape, box, _) in enumerate(entries):
+                index[kind].setdefault(key, {"shape": shape, "pieces": []})["pieces"].append([name, f"{key}#{i}", box])
+            if tensors:
+                save_file(tensors, os.path.join(tmp, name))
+                files[name] = {"bytes": os.path.getsize(os.path.join(tmp, name)),
+                               "sha256": file_sha256(os.path.join(tmp, name))}
+        mine = (index, files)
+    except Exception as e:  # noqa: BLE001 — sent to rank 0, which reports it; nothing is renamed
+        mine = e
+    gathered = [mine]
+    if group is not None:
+        gathered = [None] * dist.get_world_size(group) if rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0, group=group)
+    if rank != 0:
+        return None
+    for result in gathered:
+        if isinstance(result, Exception):
+            raise result
+    index = {"model": {}, "optimizer": {}}
+    for part, _ in gathered:
+        for kind in index:
+            for key, t in part[kind].items():
+                index[kind].setdefault(key, {"shape": t["shape"], "pieces": []})["pieces"] += t["pieces"]
+    for name, text in (("index.json", json.dumps(index)), ("state.json", json.dumps(state)),
+                       ("config.toml", to_toml(cfg))):
+        with open(os.path.join(tmp, name), "w") as f:
+            f.write(text)
+    shutil.copyfile(data.tokenizer_path(cfg.data.train), os.path.join(tmp, "tokenizer.json"))
+    files = {n: meta for _, rank_files in gathered for n, meta in rank_files.items()}
+    files.update({n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": file_sha256(os.path.join(tmp, n))}
+                  for n in ("index.json", "state.json", "config.toml", "tokenizer.json")})
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
-        json.dump({"step": step, "keep": permanent, "files": files}, f, indent=1)
+        json.dump({"step": step, "keep": permanent, "files": dict(sorted(files.items()))}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     shutil.rmtree(final, ignore_errors=True)
@@ -379,3 +506,58 @@ def load_hf(hf_dir, dtype=torch.float32, device="cpu"):
     except (OSError, json.JSONDecodeError, KeyError) as e:
         raise CheckpointError(f"{path}: unreadable Hugging Face config ({type(e).__name__}: {e})") from None
     return build_model(Config(model=model_cfg), device, hf_source(hf_dir, model_cfg), where=hf_dir).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Export: a training checkpoint -> a directory that transformers' AutoModelForCausalLM and
+# AutoTokenizer load with no other file: `python checkpoint.py export CKPT_DIR OUT_DIR`.
+
+def export_hf(ckpt_dir, out_dir, dtype=torch.float32):
+    """Write model, tokenizer, chat template and generation ids; return the files written."""
+    from tokenizers import Tokenizer
+
+    from prep.tokenizer import BOS, CHAT_TEMPLATE, EOS, PAD
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise CheckpointError(f"{out_dir}: exists and is not empty; refusing to overwrite it, give a new directory")
+    _, model = load_model(ckpt_dir)
+    tok_path = os.path.join(ckpt_dir, "tokenizer.json")
+    tok = Tokenizer.from_file(tok_path)
+    ids = {t: tok.token_to_id(t) for t in (BOS, EOS, PAD, "<|end|>")}
+    if None in ids.values():
+        raise CheckpointError(f"{tok_path}: no {[t for t, i in ids.items() if i is None]} token(s)")
+    save_hf(model, out_dir, dtype)
+    shutil.copyfile(tok_path, os.path.join(out_dir, "tokenizer.json"))
+    # tokenizer.json marks the specials special (never split, skipped by skip_special_tokens),
+    # so no added_tokens_decoder is needed. Cleaning up spaces (" ," -> ",") would not decode
+    # to the text that was encoded; transformers before 4.45 did it by default, so say no.
+    files = {"tokenizer_config.json": {
+                 "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+                 "model_max_length": model.cfg.max_seq_len, "clean_up_tokenization_spaces": False,
+                 "chat_template": CHAT_TEMPLATE},
+             # A chat model ends its turn with <|end|>; a plain continuation with <|eos|>.
+             "generation_config.json": {"bos_token_id": ids[BOS], "eos_token_id": [ids["<|end|>"], ids[EOS]],
+                                        "pad_token_id": ids[PAD]}}
+    for name, content in files.items():
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(content, f, indent=2)
+    return sorted(os.listdir(out_dir))
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    export = p.add_subparsers(dest="command", required=True).add_parser(
+        "export", help="a training checkpoint -> a Hugging Face directory (model, tokenizer, chat template)")
+    export.add_argument("ckpt_dir", help="a checkpoint directory (step_NNNNNNN)")
+    export.add_argument("out_dir", help="a new or empty directory")
+    export.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    args = p.parse_args(argv)
+    try:
+        written = export_hf(args.ckpt_dir, args.out_dir, getattr(torch, args.dtype))
+    except (ValueError, OSError) as e:  # bad input: one line naming the file and what is wrong
+        raise SystemExit(f"error: {e}") from None
+    print(f"{args.out_dir}: wrote {', '.join(written)}")
+
+
+if __name__ == "__main__":
+    main()

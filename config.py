@@ -56,7 +56,7 @@ class ParallelConfig:
     pp: int = at_least(1, 1)
     cp: int = at_least(1, 1)
     ep: int = at_least(1, 1)
-    zero: int = choice(0, 1)    # ZeRO stage: 1 shards the AdamW state over data-parallel ranks
+    zero: int = choice(0, 1, 2, 3)  # ZeRO stage over data-parallel ranks: 1 AdamW state, 2 + gradients, 3 + parameters
     sequence_parallel: bool = False
     pp_schedule: str = choice("1f1b", "afab")
     microbatches: int = at_least(0, 0)  # pipeline micro-batches per micro-step; 0: one per sequence

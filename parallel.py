@@ -97,6 +97,9 @@ def check_layout(p, model_cfg, data_cfg, world):
         (p.pp == 1 or data_cfg.micro_batch % microbatches(p, data_cfg.micro_batch) == 0,
          f"data.micro_batch={data_cfg.micro_batch} is not divisible by parallel.microbatches={p.microbatches}"),
         (p.ep == 1, "parallel.ep > 1 needs a Mixture-of-Experts model"),
+        # ZeRO-3 gathers a block's parameters around each use; a pipeline would gather them
+        # again for every micro-batch in flight (DeepSpeed does not combine the two either).
+        (p.zero < 3 or p.pp == 1, f"parallel.zero=3 with parallel.pp={p.pp}: use parallel.zero = 1 or 2 with pipelines"),
     ]
     for ok, message in checks:
         if not ok:
@@ -126,6 +129,9 @@ def make_grid(p, model_cfg, data_cfg):
             group = dist.new_group(line) if dist.is_initialized() and len(line) > 1 else None
             if rank in line:
                 grid.groups[name], grid.ranks[name] = group, line
+    # Checkpoint writers wait for each other from a background thread: on a gloo group of
+    # their own, never in the way of the training collectives.
+    grid.groups["ckpt"] = dist.new_group(backend="gloo") if dist.is_initialized() and world > 1 else None
     if p.pp > 1:  # first and last stage share a tied embedding's gradient
         for line in layout.permute(0, 2, 3, 1).reshape(-1, p.pp).tolist():
             pair = [line[0], line[-1]]
@@ -617,12 +623,22 @@ def parallelize(model, grid, p):
 # 6. Data parallelism: gradients are averaged over the dp x cp ranks in buckets of about
 #    bucket_mb, each launched asynchronously from a backward hook as soon as its last
 #    gradient is accumulated, so communication overlaps the rest of backward (PyTorch DDP,
-#    Li et al. 2020). Parameters and gradients live in one flat buffer per bucket.
-#    ZeRO-1 (Rajbhandari et al. 2020): reduce-scatter instead of all-reduce, each rank keeps
-#    AdamW state for and updates only its 1/dp of every bucket, then all-gathers parameters.
+#    Li et al. 2020). Parameters and gradients live in one flat buffer per bucket. ZeRO
+#    (Rajbhandari et al. 2020) shards across those ranks:
+#      stage 1  AdamW state: reduce-scatter instead of all-reduce; each rank updates its
+#               1/n of every bucket, then all-gathers the parameters
+#      stage 2  and gradients: only the reduced 1/n outlives the reduction (the full
+#               gradient buffer is freed until the next backward)
+#      stage 3  and the blocks' parameters: a block's are all-gathered before its forward
+#               (the next block's gather prefetched) and again before its backward, and freed
+#               after each; its gradients are reduce-scattered as soon as they are complete.
+#               The embedding, final norm and head stay whole, as in stage 2.
+#    Gradients that are partial sums across tp (norms under sequence parallelism, QK-norm) or
+#    pp (a tied head) are summed there before the data-parallel reduction: their parameters
+#    sit in a last bucket, reduced in finish().
 
 class Bucket:
-    def __init__(self, named, n_ranks, device):
+    def __init__(self, named, n_ranks, rank, device, deferred=False, sharded=False):
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         numel = sum(p.numel() for p in self.params)
@@ -638,39 +654,103 @@ class Bucket:
             p.grad = self.grad[offset:offset + p.numel()].view_as(p)  # autograd accumulates in place
             self.offsets.append(offset)
             offset += p.numel()
-        self.shard = self.grad.chunk(n_ranks)[0].clone()  # this rank's reduced slice (ZeRO)
-        self.ready, self.handle = 0, None
+        self.shard = torch.zeros(numel // n_ranks, device=device)   # this rank's reduced gradient slice
+        # ZeRO-3 (sharded): this rank's slice of the parameters is all it keeps between uses.
+        self.shard_data = self.data.chunk(n_ranks)[rank].clone() if sharded else None
+        self.deferred, self.sharded, self.ready, self.handle = deferred, sharded, 0, None
+        self.gathered, self.in_backward = True, False
+
+
+def _resize(t, on):
+    """Give t's storage back (on=False), or take it again (zeroed contents are the caller's to write)."""
+    t.untyped_storage().resize_(t.numel() * t.element_size() if on else 0)
 
 
 class DataParallel:
-    def __init__(self, model, grid, zero=False, bucket_mb=25.0):
+    def __init__(self, model, grid, zero=0, bucket_mb=25.0):
         self.grid = grid
         self.group = grid.groups.get("dp_cp")
         self.n = _size(self.group)
         self.rank = grid.dp_rank * grid.cp + grid.cp_rank
-        self.zero = zero and self.n > 1
+        self.zero = zero if self.n > 1 else 0
         self.sync = True     # False on gradient-accumulation micro-steps but the last
         self.events = []     # ("launch", bucket index) as they happen, for tests and VERBOSE
-        self.buckets = []
+        self.buckets, self.pending = [], []
         if self.n == 1:
             return
         device = next(model.parameters()).device
+        params = list(model.named_parameters())
+        deferred = grid.tp_partial | ({"embed.weight", "lm_head.weight"} if grid.tied_head and grid.pp > 1 else set())
+        if self.zero == 3:  # one bucket per block; its cross-tp sums are made on the slices (finish_grads)
+            blocks = list(model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers)
+            prefix = {id(block): name for name, block in model.named_modules() if block in blocks}
+            for block in reversed(blocks):
+                self._bucket([(f"{prefix[id(block)]}.{n}", p) for n, p in block.named_parameters()], device, block)
+            params = [(n, p) for n, p in params if not n.startswith("layers.")]
         named, size = [], 0
-        for name, p in reversed(list(model.named_parameters())):  # backward meets the last layers first
+        for name, p in reversed(params):  # backward meets the last layers first
+            if name in deferred:
+                continue
             named.append((name, p))
             size += p.numel() * 4
             if size >= bucket_mb * 2**20:
-                self.buckets.append(Bucket(named, self.n, device))
+                self._bucket(named, device)
                 named, size = [], 0
         if named:
-            self.buckets.append(Bucket(named, self.n, device))
-        for b, bucket in enumerate(self.buckets):
+            self._bucket(named, device)
+        if held := [(n, p) for n, p in params if n in deferred]:
+            self._bucket(held, device, deferred=True)
+
+    def _bucket(self, named, device, block=None, deferred=False):
+        b = len(self.buckets)
+        bucket = Bucket(named, self.n, self.rank, device, deferred, sharded=block is not None)
+        self.buckets.append(bucket)
+        if not deferred:
             for p in bucket.params:
                 p.register_post_accumulate_grad_hook(partial(self._grad_ready, b))
+        if block is not None:  # ZeRO-3: the block's parameters live only while it runs
+            _resize(bucket.data, False)
+            bucket.gathered = False
+            # Buckets are in backward order: the block that runs next in forward is b - 1.
+            block.register_forward_pre_hook(lambda module, args: self._unshard(b, prefetch=b - 1))
+            block.register_forward_hook(lambda module, args, out: self._after_forward(b, out))
+
+    def _unshard(self, b, prefetch=None):
+        """ZeRO-3: all-gather bucket b's parameters (waiting for a prefetch in flight), then start
+        the gather of the block that runs next, so it overlaps this block's compute."""
+        for i in (b, prefetch):
+            bucket = self.buckets[i] if 0 <= i < len(self.buckets) else None
+            if bucket is None or not bucket.sharded or bucket.gathered:
+                continue
+            _resize(bucket.data, True)
+            bucket.handle = dist.all_gather_into_tensor(bucket.data, bucket.shard_data, group=self.group,
+                                                        async_op=True)
+            bucket.gathered = True
+        self.buckets[b].handle, handle = None, self.buckets[b].handle
+        if handle is not None:
+            handle.wait()
+
+    def _after_forward(self, b, out):
+        bucket = self.buckets[b]
+        if bucket.in_backward:  # a recomputed forward inside backward: backward still needs them
+            return out
+        _resize(bucket.data, False)
+        bucket.gathered = False
+        if out.requires_grad:
+            out.register_hook(lambda grad: self._before_backward(b))
+        return out
+
+    def _before_backward(self, b):
+        bucket = self.buckets[b]
+        bucket.in_backward = True
+        self._unshard(b, prefetch=b + 1)
+        if bucket.grad.untyped_storage().size() == 0:
+            _resize(bucket.grad, True)
+            bucket.grad.zero_()
 
     def _grad_ready(self, b, _param):
         bucket = self.buckets[b]
-        if not self.sync:
+        if not (self.sync or bucket.sharded):  # ZeRO-3 blocks free full gradients: they reduce every micro-step
             return
         bucket.ready += 1
         if bucket.ready == len(bucket.params):
@@ -683,52 +763,91 @@ class DataParallel:
             print(f"[dp {self.rank}] bucket {b} ({bucket.grad.numel() * 4 / 2**20:.1f} MB) ready: "
                   f"{'reduce-scatter' if self.zero else 'all-reduce'} launched", flush=True)
         bucket.grad /= self.n  # average: the loss of each rank is a mean over its own tokens
-        if self.zero:
+        if bucket.sharded:  # ZeRO-3: into a fresh slice, added to the step's sum
+            out = torch.empty_like(bucket.shard)
+            handle = dist.reduce_scatter_tensor(out, bucket.grad, group=self.group, async_op=True)
+            self.settle()
+            self.pending.append((bucket, out, handle))
+        elif self.zero:
             bucket.handle = dist.reduce_scatter_tensor(bucket.shard, bucket.grad, group=self.group, async_op=True)
         else:
             bucket.handle = dist.all_reduce(bucket.grad, group=self.group, async_op=True)
+        bucket.ready = 0
+
+    def settle(self):
+        """ZeRO-3: finish the reductions in flight and free those blocks' full parameters and
+        gradients (after each micro-step's backward, and as each next block's reduction starts)."""
+        for bucket, out, handle in self.pending:
+            handle.wait()
+            bucket.shard += out
+            for t in (bucket.grad, bucket.data):
+                _resize(t, False)
+            bucket.gathered, bucket.in_backward = False, False
+        self.pending = []
+
+    def slices(self, bucket):
+        """(name, parameter, offset in it, start, stop in this rank's slice) for every piece of
+        a parameter that falls in this rank's 1/n of the bucket."""
+        chunk = bucket.data.numel() // self.n
+        lo, hi = self.rank * chunk, (self.rank + 1) * chunk
+        for name, p, off in zip(bucket.names, bucket.params, bucket.offsets):
+            a, b = max(lo, off), min(hi, off + p.numel())
+            if a < b:
+                yield name, p, a - off, a - lo, b - lo
 
     def finish(self):
-        """Wait for every bucket's reduction (launching any whose hooks did not all fire)."""
+        """Wait for every bucket's reduction (launching any whose hooks did not all fire, and
+        the deferred bucket, whose cross-tp/pp sums the caller has made). ZeRO-3 blocks' tp
+        partial sums are made here, on the reduced slices, which every tp rank cuts alike."""
+        self.settle()
+        for bucket in self.buckets if self.zero == 3 else ():
+            for name, _, _, a, b in self.slices(bucket) if bucket.sharded else ():
+                if name in self.grid.tp_partial:
+                    all_reduce(bucket.shard[a:b], self.grid.groups.get("tp"))
         for b, bucket in enumerate(self.buckets):
+            if bucket.sharded:
+                continue
             if bucket.handle is None:
                 self._launch(b)
             bucket.handle.wait()
-            bucket.handle, bucket.ready = None, 0
+            bucket.handle = None
+            if self.zero >= 2:  # only the reduced slice outlives the reduction
+                _resize(bucket.grad, False)
 
     def zero_grad(self, model):
-        if self.buckets:
-            for bucket in self.buckets:
+        if not self.buckets:
+            return model.zero_grad(set_to_none=True)
+        for bucket in self.buckets:
+            if bucket.grad.untyped_storage().size() == 0 and not bucket.sharded:
+                _resize(bucket.grad, True)
+            if bucket.grad.untyped_storage().size():
                 bucket.grad.zero_()
-        else:
-            model.zero_grad(set_to_none=True)
+            bucket.shard.zero_()
 
     def optimizer_params(self, model):
-        """(name, tensor) pairs the optimizer updates: every parameter, or under ZeRO-1 the
+        """(name, tensor) pairs the optimizer updates: every parameter, or under ZeRO the
         pieces of parameters that fall in this rank's slice of each bucket (views of the
-        flat buffers, with gradients viewing the reduced slice). Names are canonical: a tied
-        head on the last pipeline stage is the embedding, and is treated as one."""
+        flat buffers, or of the kept slice under ZeRO-3, with gradients viewing the reduced
+        slice). Names are canonical: a tied head on the last pipeline stage is the embedding."""
         if not self.zero:
             return [(canonical(n, self.grid), p) for n, p in model.named_parameters()]
         pieces = []
         for bucket in self.buckets:
-            chunk = bucket.data.numel() // self.n
-            lo, hi = self.rank * chunk, (self.rank + 1) * chunk
-            for name, p, off in zip(bucket.names, bucket.params, bucket.offsets):
-                a, b = max(lo, off), min(hi, off + p.numel())
-                if a < b:
-                    piece = bucket.data[a:b]
-                    piece.grad = bucket.shard[a - lo:b - lo]
-                    piece.zero_slot = (bucket, a - lo, a - off)  # its place in my slice, in its parameter
-                    pieces.append((canonical(name, self.grid), piece))
+            start = self.rank * (bucket.data.numel() // self.n)
+            for name, p, at, a, b in self.slices(bucket):
+                piece = bucket.shard_data[a:b] if bucket.sharded else bucket.data[start + a:start + b]
+                piece.grad = bucket.shard[a:b]
+                piece.zero_slot = (bucket, a, at)  # its place in my slice, in its parameter
+                pieces.append((canonical(name, self.grid), piece))
         return pieces
 
     def after_step(self):
-        """ZeRO-1: every rank gets the others' updated slices."""
-        if self.zero:
-            for bucket in self.buckets:
-                mine = bucket.data.chunk(self.n)[self.rank].clone()
-                dist.all_gather_into_tensor(bucket.data, mine, group=self.group)
+        """ZeRO: every rank gets the others' updated slices (ZeRO-3's blocks gather on use)."""
+        for bucket in self.buckets if self.zero else ():
+            if bucket.sharded:
+                continue
+            mine = bucket.data.chunk(self.n)[self.rank].clone()
+            dist.all_gather_into_tensor(bucket.data, mine, group=self.group)
 
 
 # ----------------------------------------------------------------------------------------
@@ -737,38 +856,40 @@ class DataParallel:
 def forward_backward(model, grid, dp, batches, pcfg, autocast=contextlib.nullcontext(), backward=True):
     """One optimizer step's forward and backward over batches [(inputs, targets)] (one per
     gradient-accumulation micro-step), in every layout. Returns the mean loss over the
-    global batch, the same number on every rank. Every path scales each loss by
-    1 / (micro-steps x pipeline micro-batches), so all layouts average the same way."""
-    param = next(model.parameters())
-    total = torch.zeros((), device=param.device)
-    for k, (x, y) in enumerate(batches):
-        pos = torch.arange(x.shape[1], device=x.device)
-        if grid.cp > 1:
-            (x, pos), (y, _) = context_chunks(x, grid), context_chunks(y, grid)
-        last_step = k == len(batches) - 1
-        if grid.pp > 1:
-            m = microbatches(pcfg, len(x))
-            chunks = list(zip(x.chunk(m), y.chunk(m)))
-            seq = x.shape[1] // (grid.tp if grid.sequence_parallel else 1)
-            pipe = Pipe(grid, (len(x) // m, seq, model.cfg.d_model), param.dtype, x.device)
-            if backward:  # reduce gradients only during the very last backward of the step
-                dp.sync = False
-                loss = pipeline_schedule(model, grid, chunks, pos, 1.0 / (len(batches) * m), pcfg.pp_schedule,
-                                         pipe, lambda: setattr(dp, "sync", last_step), autocast)
-            else:
-                with torch.no_grad():
-                    loss = forward_only_pipeline(model, grid, chunks, pos, pipe, autocast)
-            total += loss / m if grid.last else 0.0
+    global batch, the same number on every rank. Under pipeline parallelism all micro-steps'
+    micro-batches go through one schedule, so the bubble is (pp - 1) / (m + pp - 1) of the
+    step for m micro-batches in all. Every path scales each loss by 1 / (micro-batches in
+    the step), so all layouts average the same way."""
+    x0 = batches[0][0]
+    pos = torch.arange(x0.shape[1], device=x0.device)
+    if grid.cp > 1:
+        pos = context_chunks(x0, grid)[1]
+        batches = [(context_chunks(x, grid)[0], context_chunks(y, grid)[0]) for x, y in batches]
+    if grid.pp > 1:
+        m = microbatches(pcfg, len(x0))
+        chunks = [c for x, y in batches for c in zip(x.chunk(m), y.chunk(m))]
+        seq = batches[0][0].shape[1] // (grid.tp if grid.sequence_parallel else 1)
+        param = next(model.parameters())
+        pipe = Pipe(grid, (len(x0) // m, seq, model.cfg.d_model), param.dtype, x0.device)
+        if backward:  # reduce gradients only during the very last backward of the step
+            dp.sync = False
+            loss = pipeline_schedule(model, grid, chunks, pos, 1.0 / len(chunks), pcfg.pp_schedule, pipe,
+                                     lambda: setattr(dp, "sync", True), autocast)
         else:
-            dp.sync = last_step
+            with torch.no_grad():
+                loss = forward_only_pipeline(model, grid, chunks, pos, pipe, autocast)
+        loss = torch.as_tensor(loss / len(chunks) if grid.last else 0.0, device=x0.device).float()
+        loss = all_reduce(loss, grid.groups.get("pp"))  # the loss is known on the last stage only
+    else:
+        loss = torch.zeros((), device=x0.device)
+        for k, (x, y) in enumerate(batches):
+            dp.sync = k == len(batches) - 1
             with torch.set_grad_enabled(backward), autocast:
-                loss = model(x, y, pos=pos)
+                micro_loss = model(x, y, pos=pos)
             if backward:
-                (loss / len(batches)).backward()
-            total += loss.detach().float()
-    loss = total / len(batches)
-    if grid.pp > 1:  # the loss is known on the last stage only
-        loss = all_reduce(loss if grid.last else torch.zeros_like(loss), grid.groups.get("pp"))
+                (micro_loss / len(batches)).backward()
+                dp.settle()
+            loss += micro_loss.detach().float() / len(batches)
     loss = all_reduce(loss, grid.groups.get("dp_cp")) / (grid.dp * grid.cp)
     if backward:
         finish_grads(model, grid, dp)
@@ -790,16 +911,17 @@ def forward_only_pipeline(model, grid, chunks, pos, pipe, autocast):
 
 
 def finish_grads(model, grid, dp):
-    """After backward: finish the data-parallel reduction, sum partial gradients of
-    replicated parameters over tp, and sum a tied embedding's two halves over pp."""
-    dp.finish()
-    params = dict(model.named_parameters())
+    """After backward: sum the gradients that are partial sums over tp (replicated parameters
+    that see only this rank's heads or slice of the sequence) and over pp (a tied embedding's
+    two halves), then finish the data-parallel reduction, which holds those back for this."""
+    params = {n: p for n, p in model.named_parameters() if p.grad is not None and p.grad.untyped_storage().size()}
     for name in sorted(grid.tp_partial):
         if name in params:
             all_reduce(params[name].grad, grid.groups.get("tp"))
     if grid.tied_head and grid.pp > 1:
         name = "embed.weight" if grid.first else "lm_head.weight"
         all_reduce(params[name].grad, grid.groups.get("embed"))
+    dp.finish()
 
 
 def counts_once(name, grid):
@@ -873,32 +995,8 @@ def shard_spec(name, grid):
     return None if dim is None else (dim, grid.tp_rank, grid.tp)
 
 
-def piece(whole, spec):
-    """This rank's piece of a whole tensor (shard_spec)."""
-    return whole if spec is None or whole.dim() == 0 else whole.chunk(spec[2], dim=spec[0])[spec[1]]
-
-
-def optimizer_state(optimizer, named, dp):
-    """{NAME.exp_avg / NAME.exp_avg_sq / NAME.step: tensor} for this rank's local parameters;
-    under ZeRO-1 each bucket's slices of the moments are all-gathered from the dp ranks."""
-    state = {}
-    if not dp.zero:
-        for name, p in named:
-            for key, value in optimizer.state.get(p, {}).items():
-                state[f"{name}.{key}"] = value
-        return state
-    step = next(iter(optimizer.state.values()))["step"] if optimizer.state else torch.zeros(())
-    for bucket in dp.buckets:
-        for key in ("exp_avg", "exp_avg_sq"):
-            mine = torch.zeros_like(bucket.shard)
-            for _, piece in named:
-                if piece.zero_slot[0] is bucket and piece in optimizer.state:
-                    start = piece.zero_slot[1]
-                    mine[start:start + piece.numel()] = optimizer.state[piece][key]
-            full = torch.empty_like(bucket.data)
-            dist.all_gather_into_tensor(full, mine, group=dp.group)
-            for name, p, off in zip(bucket.names, bucket.params, bucket.offsets):
-                state[f"{name}.{key}"] = full[off:off + p.numel()].view_as(p).clone()
-        for name in bucket.names:
-            state[f"{name}.step"] = step.clone()
-    return state
+def piece_of(name, t, grid):
+    """(tensor-parallel spec, flat range in that part or None): what tensor t holds of the whole
+    tensor name; a ZeRO slice (zero_slot) holds a flat range of its parameter's part."""
+    slot = getattr(t, "zero_slot", None)
+    return shard_spec(name, grid), (slot[2], slot[2] + t.numel()) if slot else None

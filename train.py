@@ -117,8 +117,8 @@ def estimate(cfg, gpu="H100", mfu=0.4, usd_per_hour=2.5):
     peak = peak_flops(gpu) or 989e12
     shard = p.tp * p.pp  # weights, grads and moments split across model-parallel ranks
     gib = 2 ** 30
-    weights, grads = 4 * n_params / shard, 4 * n_params / shard  # fp32 master weights and grads
-    adam = 8 * n_params / shard / (dp if p.zero else 1)
+    # fp32 weights, gradients and AdamW moments; ZeRO stage s shards the last s of them over dp.
+    weights, grads, adam = (k * n_params / shard / (dp if p.zero >= s else 1) for k, s in ((4, 3), (4, 2), (8, 1)))
     # Activations kept for backward per layer, bf16: 34*s*b*h bytes (Korthikanti et al. 2022,
     # eq. 1 without the 5*a*s/h attention-matrix term, which flash attention never stores);
     # with per-block recomputation only the block input, 2*s*b*h.
@@ -325,7 +325,7 @@ def start(cfg, resume=None, start_over=False):
         run.log.rewind(run.step)
     if master:
         layout = f"dp{grid.dp} tp{grid.tp} pp{grid.pp} cp{grid.cp}" + (" sp" if grid.sequence_parallel else "") \
-            + (" zero1" if dp.zero else "")
+            + (f" zero{dp.zero}" if dp.zero else "")
         print(f"model: {whole_model_size(cfg)[0] / 1e6:.2f}M parameters, {world} process(es) ({layout}) on "
               f"{device}" + (f", resumed from {begin}" if begin else ""))
     return run
@@ -336,9 +336,12 @@ def build(cfg, grid, device, weights=None):
     given checkpoint's weights), its data parallelism and its optimizer:
     (model, dp, [(name, tensor) the optimizer updates], optimizer)."""
     torch.manual_seed(cfg.data.seed)  # the global generator too: checkpoints save and resume its state
-    model = checkpoint.build_model(cfg, device, weights, grid)
-    dp = parallel.DataParallel(model, grid, zero=cfg.parallel.zero == 1)
+    zero = cfg.parallel.zero and grid.dp * grid.cp > 1  # then a rank reads only its slices, once they are cut
+    model = checkpoint.build_model(cfg, device, None if zero else weights, grid)
+    dp = parallel.DataParallel(model, grid, zero=cfg.parallel.zero)
     named = dp.optimizer_params(model)
+    if zero and weights:
+        checkpoint.load_weights(model, dp, named, weights, grid)
     if cfg.train.compile:
         model.compile()
     return model, dp, named, build_optimizer(named, cfg.optim, device)
@@ -355,7 +358,7 @@ def restore(run, path, weights=True):
     """Put a checkpoint's weights (unless the model was just built from it), optimizer state,
     step, counters, loader position and RNG state back into the run."""
     if weights:
-        checkpoint.fill(run.model, checkpoint.file_source([os.path.join(path, "model.safetensors")]), run.grid, path)
+        checkpoint.load_weights(run.model, run.dp, run.named, path, run.grid)
     checkpoint.load_optimizer_state(run.optimizer, run.named, path, run.grid)
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
@@ -426,21 +429,20 @@ def benchmark(run):
 
 
 def save(run):
-    """Snapshot the consolidated state to CPU memory (the only part training waits for when
-    asynchronous) and hand the write to the writer."""
+    """Snapshot the pieces this rank owns to CPU memory (the only part training waits for when
+    asynchronous) and hand the write to the writer: every rank writes its own."""
     t0 = time.perf_counter()
     report_failed_write(run, block=True)  # one write in flight at a time
-    weights = parallel.full_tensors(dict(run.model.named_parameters()), run.grid)
-    moments = parallel.full_tensors(parallel.optimizer_state(run.optimizer, run.named, run.dp), run.grid)
+    pieces = checkpoint.snapshot(run.model, run.named, run.optimizer, run.grid, run.dp.zero)
     state = {"step": run.step, "counters": dict(run.counters), "loader": run.loader.state_dict(),
              "rng": torch.get_rng_state().tolist()}
     keep = run.cfg.checkpoint
     permanent = bool(keep.keep_every and run.step % keep.keep_every == 0) or \
         bool(keep.keep_hours and time.time() - run.last_kept >= keep.keep_hours * 3600)
     run.last_kept = time.time() if permanent else run.last_kept
-    if run.master:
-        run.writer.submit(partial(checkpoint.save_checkpoint, run.ckpt_dir, run.step, weights, moments, state,
-                                  run.cfg, permanent))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    run.writer.submit(partial(checkpoint.save_checkpoint, run.ckpt_dir, run.step, pieces, state, run.cfg, permanent,
+                              rank, run.grid.groups.get("ckpt")))
     stall = time.perf_counter() - t0
     run.log.write({"step": run.step, "event": "checkpoint", "stall_s": stall, "asynchronous": run.writer.asynchronous},
                   f"step {run.step:>6} | checkpoint {'queued' if run.writer.asynchronous else 'written'}, "

@@ -15,6 +15,18 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 BOS, EOS, PAD = SPECIAL_TOKENS[:3]
 
+# The one chat format: alignment and inference render conversations with this Jinja template
+# (run as transformers' apply_chat_template runs it), and the Hugging Face export ships it, so a
+# model is trained and served on the same text. <|bos|> once, then <|role|>content<|end|> per
+# {"role", "content"} message; add_generation_prompt opens the assistant's turn. An unknown role
+# is an error, not text that would look like a special token without being one.
+CHAT_TEMPLATE = (
+    "<|bos|>{% for m in messages %}"
+    "{% if m['role'] not in ('system', 'user', 'assistant') %}"
+    "{{ raise_exception('unknown chat role ' ~ m['role'] ~ ': use system, user or assistant') }}{% endif %}"
+    "{{ '<|' ~ m['role'] ~ '|>' ~ m['content'] ~ '<|end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
 # The GPT-4 (cl100k) pre-tokenisation pattern with \p{N} alone instead of \p{N}{1,3}:
 # words with their leading space, single digits, punctuation runs, newlines, whitespace.
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*"""

@@ -43,7 +43,7 @@ def run_steps(cfg, grid=None):
     and full gradients, every step's loss and the final full parameters (on rank 0)."""
     grid = grid or parallel.make_grid(cfg.parallel, cfg.model, cfg.data)
     model = checkpoint.build_model(cfg, torch.device("cpu"), grid=grid)  # the whole model's weights, this rank's part
-    dp = parallel.DataParallel(model, grid, zero=cfg.parallel.zero == 1, bucket_mb=0.004)
+    dp = parallel.DataParallel(model, grid, zero=cfg.parallel.zero, bucket_mb=0.004)
     named = dp.optimizer_params(model)
     opt = train.build_optimizer(named, cfg.optim, torch.device("cpu"))
     mb = cfg.data.micro_batch
@@ -61,22 +61,35 @@ def run_steps(cfg, grid=None):
         opt.step()
         dp.after_step()
         dp.zero_grad(model)
-    out["params"] = parallel.full_tensors(dict(model.named_parameters()), grid)
+    out["params"] = parallel.full_tensors(full_params(model, dp), grid)
     out["events"] = dp.events
     return out
 
 
+def gather_buckets(dp, slices):
+    """{name: tensor of this rank's parameter shape} from every rank's 1/n of each bucket."""
+    out = {}
+    for bucket in dp.buckets:
+        flat = torch.empty(bucket.data.shape)
+        dist.all_gather_into_tensor(flat, slices(bucket), group=dp.group)
+        for name, p, off in zip(bucket.names, bucket.params, bucket.offsets):
+            out[name] = flat[off:off + p.numel()].view(p.shape)
+    return out
+
+
 def full_grads(model, dp):
-    """Gradients of this rank's parameters; under ZeRO-1 the reduced slices are all-gathered."""
+    """Gradients of this rank's parameters; under ZeRO the reduced slices are all-gathered."""
     if not dp.zero:
         return {n: p.grad for n, p in model.named_parameters()}
-    grads = {}
-    for bucket in dp.buckets:
-        flat = torch.empty_like(bucket.grad)
-        dist.all_gather_into_tensor(flat, bucket.shard, group=dp.group)
-        for name, p, off in zip(bucket.names, bucket.params, bucket.offsets):
-            grads[name] = flat[off:off + p.numel()].view_as(p)
-    return grads
+    return gather_buckets(dp, lambda bucket: bucket.shard)
+
+
+def full_params(model, dp):
+    """This rank's parameters; under ZeRO-3 the blocks' kept slices are all-gathered."""
+    params = dict(model.named_parameters())
+    if dp.zero == 3:
+        params.update(gather_buckets(dp, lambda b: b.shard_data if b.sharded else b.data.chunk(dp.n)[dp.rank]))
+    return params
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +113,15 @@ LAYOUTS = {
     "tp2_sp_cp2_tied_qk": dict(tp=2, cp=2, sequence_parallel=True),
     "pp2_tied_qk": dict(pp=2),
     "dp2_tp2_pp2": dict(dp=2, tp=2, pp=2),
+    "dp2_zero2": dict(dp=2, zero=2),
+    "dp2_zero3": dict(dp=2, zero=3),
+    "dp2_zero3_recompute": dict(dp=2, zero=3, recompute=True),
+    "dp2_tp2_sp_zero3_tied_qk": dict(dp=2, tp=2, zero=3, sequence_parallel=True),
+    "dp2_tp2_sp_zero1_tied_qk": dict(dp=2, tp=2, zero=1, sequence_parallel=True),
+    "dp2_pp2_zero2_tied_qk": dict(dp=2, pp=2, zero=2),
 }
-TIED = {"tp2_sp_cp2_tied_qk", "pp2_tied_qk"}
+TIED = {"tp2_sp_cp2_tied_qk", "pp2_tied_qk", "dp2_tp2_sp_zero3_tied_qk", "dp2_tp2_sp_zero1_tied_qk",
+        "dp2_pp2_zero2_tied_qk"}
 
 
 @pytest.mark.parametrize("name", LAYOUTS)

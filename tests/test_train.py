@@ -157,7 +157,8 @@ def test_checkpoint_layout_manifest_and_retention(tiny_config):
     assert sorted(os.listdir(ckpt_dir)) == ["step_0000015", "step_0000020"]
     final = os.path.join(ckpt_dir, "step_0000020")
     manifest = json.load(open(os.path.join(final, "manifest.json")))
-    assert set(manifest["files"]) == {"model.safetensors", "optimizer.safetensors", "state.json", "config.toml",
+    assert set(manifest["files"]) == {"model-00000.safetensors", "optimizer-00000.safetensors", "index.json",
+                                      "state.json", "config.toml",
                                       "tokenizer.json"}
     checkpoint.verify_checkpoint(final)
     _, loaded = checkpoint.load_model(final)
@@ -243,7 +244,7 @@ def test_a_second_run_into_the_same_directory_is_refused_until_asked(tiny_config
     train.train(cfg)
     run = cfg.log.dir
     before = {p: open(os.path.join(run, p), "rb").read() for p in ("metrics.jsonl", "checkpoints/step_0000004/"
-                                                                    "model.safetensors")}
+                                                                    "model-00000.safetensors")}
     err = main_error(capsys, "--config", saved(tmp_path, cfg))
     assert f"{run} already holds a run" in err and "--resume auto" in err and "--start-over" in err
     assert all(open(os.path.join(run, p), "rb").read() == b for p, b in before.items())  # nothing lost
@@ -274,7 +275,7 @@ def test_every_resume_is_verified_and_another_shape_is_named(tiny_config, tmp_pa
     cfg = tiny_config(optim=dict(steps=4), checkpoint=dict(every=2))
     train.train(cfg)
     ckpts = os.path.join(cfg.log.dir, "checkpoints")
-    weights = os.path.join(ckpts, "step_0000002", "model.safetensors")
+    weights = os.path.join(ckpts, "step_0000002", "model-00000.safetensors")
     with open(weights, "r+b") as f:
         f.seek(os.path.getsize(weights) // 2)
         byte = f.read(1)
