@@ -46,7 +46,7 @@ def build_model(cfg: Config, device="cpu", weights=None, grid=None, where="weigh
     """This rank's part of the model (all of it on one process) with weights from `weights`:
     None (drawn by the initialiser from data.seed), a checkpoint directory, or a source (its
     name in errors: where). A rank holds one whole tensor at a time, never the whole model
-    (an 8B model in fp32 would be 32 GB on every rank)."""
+    (an 8B model in fp32 would be 32 GB on every rank). weights may be a Hugging Face directory."""
     grid = grid or parallel.Grid()
     with torch.device("meta"):
         model = Transformer(cfg.model)
@@ -55,7 +55,7 @@ def build_model(cfg: Config, device="cpu", weights=None, grid=None, where="weigh
     if weights is None:
         weights, where = init_source(cfg.model, cfg.data.seed, device), "init"
     elif isinstance(weights, str):
-        weights, where = checkpoint_source(weights), weights
+        weights, where = weights_source(weights, cfg.model), weights
     fill(model, model.named_parameters(), weights, grid, where)
     return model
 
@@ -79,11 +79,26 @@ def fill(model, targets, source, grid, where):
 
 
 def load_weights(model, dp, named, path, grid):
-    """A checkpoint's weights into a built run: under ZeRO each rank reads only its slices
-    and all-gathers the rest (ZeRO-3's blocks gather on use); otherwise its whole part."""
-    source = checkpoint_source(path)
+    """A checkpoint's (or Hugging Face directory's) weights into a built run: under ZeRO each
+    rank reads only its slices and all-gathers the rest (ZeRO-3's blocks gather on use)."""
+    source = weights_source(path, model.cfg)
     fill(model, named if dp.zero else model.named_parameters(), source, grid, path)
     dp.after_step()
+
+
+def weights_source(path, model_cfg):
+    """A source over the weights of a training checkpoint or a Hugging Face directory, refused
+    with the fields that differ when its config does not describe model_cfg. The caller has
+    verified a checkpoint (verify_checkpoint reads every file, every rank need not)."""
+    hf = os.path.exists(os.path.join(path, "config.json"))
+    if not hf and not os.path.exists(os.path.join(path, "config.toml")):
+        raise CheckpointError(f"{path}: neither a checkpoint (config.toml) nor a Hugging Face directory (config.json)")
+    saved = read_hf_config(path) if hf else load_config(os.path.join(path, "config.toml")).model
+    differ = [f"model.{k} is {getattr(saved, k)!r} there, {getattr(model_cfg, k)!r} here" for k in vars(saved)
+              if k not in ("init_std", "max_seq_len") and getattr(saved, k) != getattr(model_cfg, k)]
+    if differ:
+        raise CheckpointError(f"{path} holds another model: " + "; ".join(differ))
+    return hf_source(path, saved) if hf else checkpoint_source(path)
 
 
 # A box is a [start, stop) per dimension of a whole tensor. Files hold boxes; a rank wants the
@@ -245,7 +260,7 @@ def snapshot(model, named, optimizer, grid, zero):
             parts = value.detach().flatten().split([math.prod(b - a for a, b in box) for box in boxes])
             out[kind] += [(key, shapes[name], box, p.view([b - a for a, b in box]).to("cpu", copy=True))
                           for box, p in zip(boxes, parts)]
-        if "step" in state:
+        if "step" in state and (spec is None or spec[1] == 0) and (flat is None or flat[0] == 0):  # one copy
             out["optimizer"].append((f"{name}.step", (), [], state["step"].to("cpu", copy=True)))
     return out
 
@@ -496,15 +511,18 @@ def hf_source(hf_dir, cfg):
     return file_source([os.path.join(hf_dir, f) for f in files], rename)
 
 
-def load_hf(hf_dir, dtype=torch.float32, device="cpu"):
-    """A transformers Llama/Qwen3 checkpoint directory -> Transformer with equal logits."""
+def read_hf_config(hf_dir):
     path = os.path.join(hf_dir, "config.json")
     try:
         with open(path) as f:
-            hf = json.load(f)
-        model_cfg = config_from_hf(hf, path)
+            return config_from_hf(json.load(f), path)
     except (OSError, json.JSONDecodeError, KeyError) as e:
         raise CheckpointError(f"{path}: unreadable Hugging Face config ({type(e).__name__}: {e})") from None
+
+
+def load_hf(hf_dir, dtype=torch.float32, device="cpu"):
+    """A transformers Llama/Qwen3 checkpoint directory -> Transformer with equal logits."""
+    model_cfg = read_hf_config(hf_dir)
     return build_model(Config(model=model_cfg), device, hf_source(hf_dir, model_cfg), where=hf_dir).to(dtype)
 
 

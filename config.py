@@ -92,6 +92,7 @@ class EvalConfig:
 
 @dataclass
 class TrainConfig:
+    init_from: str = ""         # weights to start from: a checkpoint or a Hugging Face directory (not its optimizer)
     device: str = "auto"        # auto: cuda when available, else cpu
     dtype: str = choice("auto", "float32", "bfloat16")  # auto: bf16 autocast on cuda, fp32 on cpu
     kernels: str = choice("auto", "torch", "triton")

@@ -19,7 +19,6 @@ never imports train.py, which imports it.
 import argparse
 import contextlib
 import csv
-import dataclasses
 import functools
 import glob
 import io
@@ -396,6 +395,18 @@ def loglikelihoods(model, encoded, batch_size=32, share_prefix=True, autocast=No
     return out
 
 
+def loglikelihoods_by_loss(loss_fn, encoded, limit):
+    """loglikelihoods through loss_fn(x (1, S), y (1, S)) -> the mean loss over y's targets
+    that are not -100 (train.py's parallel forward, in the training layout): each request
+    alone, with only its continuation as targets, so its sum is that mean times their count."""
+    out = [None] * len(encoded)
+    for row, ((i, start, continuation),) in plan_rows(encoded, limit, share_prefix=False):
+        y = torch.full((1, len(row)), -100)
+        y[0, start:start + len(continuation)] = torch.tensor(continuation)
+        out[i] = (-float(loss_fn(torch.tensor([row]), y)) * len(continuation), len(continuation))
+    return out
+
+
 def choice_scores(ex, lls, mode):
     """{metric: a score per choice} from the (sum, tokens) of each request of `requests`.
     Metric names follow lm-eval-harness; the prediction is the highest score."""
@@ -412,8 +423,9 @@ def choice_scores(ex, lls, mode):
     return scores
 
 
-def score_task(model, tokenizer, task, mode="norm", shots=0, seed=1234, batch_size=32, autocast=None):
-    """choice_scores for every example of the task."""
+def score_task(model, tokenizer, task, mode="norm", shots=0, seed=1234, batch_size=32, autocast=None, scorer=None):
+    """choice_scores for every example of the task; scorer: (loss_fn, limit) to score through
+    loglikelihoods_by_loss instead of the model's logits."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
     pool = {}
@@ -421,7 +433,9 @@ def score_task(model, tokenizer, task, mode="norm", shots=0, seed=1234, batch_si
         pool.setdefault(p.group, []).append(p)
     per_example = [requests(ex, mode, fewshot(pool, ex, shots, seed)) for ex in task.examples]
     flat = [r for reqs in per_example for r in reqs]
-    lls = loglikelihoods(model, encode_requests(tokenizer, flat), batch_size, autocast=autocast)
+    encoded = encode_requests(tokenizer, flat)
+    lls = loglikelihoods_by_loss(scorer[0], encoded, scorer[1]) if scorer else \
+        loglikelihoods(model, encoded, batch_size, autocast=autocast)
     scores, i = [], 0
     for ex, reqs in zip(task.examples, per_example):
         scores.append(choice_scores(ex, lls[i:i + len(reqs)], mode))
@@ -429,10 +443,10 @@ def score_task(model, tokenizer, task, mode="norm", shots=0, seed=1234, batch_si
     return scores
 
 
-def evaluate_task(model, tokenizer, task, mode="norm", shots=0, seed=1234, batch_size=32, autocast=None):
+def evaluate_task(model, tokenizer, task, mode="norm", shots=0, seed=1234, batch_size=32, autocast=None, scorer=None):
     """{task, mode, shots, n, random, seconds, METRIC, METRIC_stderr for the mode's metrics}."""
     t0 = time.perf_counter()
-    scores = score_task(model, tokenizer, task, mode, shots, seed, batch_size, autocast)
+    scores = score_task(model, tokenizer, task, mode, shots, seed, batch_size, autocast, scorer)
     result = {"task": task.name, "mode": mode, "shots": shots, "n": len(task.examples),
               "random": statistics.fmean(1 / len(ex.choices) for ex in task.examples)}
     for metric in MODES[mode]:
@@ -502,17 +516,15 @@ def load_tokenizer(path):
     return Tokenizer.from_file(path)
 
 
-def monitor(ecfg, tokenizer_path, cfg, weights, step, device="cpu", autocast=None):
+def monitor(ecfg, tokenizer_path, loss_fn, limit, step):
     """train.py's in-training benchmarks: the tasks of eval.tasks on a fixed subset of
-    eval.limit examples each, in eval.mode with eval.shots shots, on a whole model built from
-    weights (parallel.full_tensors). Returns (record, line) for MetricsLog.write, with keys
-    like "eval/hellaswag_acc_norm"."""
-    single = dataclasses.replace(cfg, parallel=type(cfg.parallel)())  # one process's model
-    model = checkpoint.build_model(single, device, checkpoint.tensor_source(weights), where=f"step {step}'s weights")
+    eval.limit examples each, in eval.mode with eval.shots shots, scored through loss_fn (the
+    training layout's forward) on sequences of at most limit tokens. Returns (record, line)
+    for MetricsLog.write, with keys like "eval/hellaswag_acc_norm"."""
     tokenizer = load_tokenizer(tokenizer_path)
     record, parts = {"step": step}, []
     for task in load_tasks(ecfg.tasks, ecfg.limit):
-        r = evaluate_task(model, tokenizer, task, ecfg.mode, ecfg.shots, autocast=autocast)
+        r = evaluate_task(None, tokenizer, task, ecfg.mode, ecfg.shots, scorer=(loss_fn, limit))
         record.update({f"eval/{task.name}_{m}": r[m] for m in MODES[ecfg.mode]})
         parts.append(f"{task.name} {HEADLINE[ecfg.mode]} {r[HEADLINE[ecfg.mode]]:.3f}")
     return record, f"step {step:>6} | eval " + " | ".join(parts)

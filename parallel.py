@@ -6,9 +6,9 @@
                                  tp region, vocab-parallel embedding, head and cross-entropy
     4. context parallel          ring attention over load-balanced chunks
     5. pipeline parallel         stages, point-to-point, AFAB and 1F1B schedules
-    6. data parallel             bucketed all-reduce from backward hooks; ZeRO-1
-    7. the training step         gradient accumulation, pipelines, gradient norm
-    8. consolidated state        gather shards to one checkpoint, slice them back
+    6. data parallel             bucketed all-reduce from backward hooks; ZeRO-1, 2 and 3
+    7. the training step         gradient accumulation, one pipeline schedule, gradient norm
+    8. names and pieces          what part of each whole tensor a rank holds
 
 Every technique keeps the names of model.py's parameters, so a checkpoint saved under one
 layout loads under any other. PARALLEL_VERBOSE=1 prints every pipeline transfer and bucket launch.
@@ -950,48 +950,18 @@ def clip_grad_norm(named, max_norm, grid, zero):
 
 
 # ----------------------------------------------------------------------------------------
-# 8. Consolidated state: checkpoints hold full tensors under model.py's names, whatever the
-#    layout that wrote them.
+# 8. Names and pieces: whatever the layout, a tensor keeps model.py's name, and a rank holds a
+#    part of it along one dimension (tp), or a flat range of that part (ZeRO). checkpoint.py
+#    writes and reads pieces by these.
 
 def canonical(name, grid):
     return "embed.weight" if grid.tied_head and name == "lm_head.weight" else name
 
 
-def full_tensors(local, grid):
-    """{name: local tensor} on every rank -> {name: full tensor} on global rank 0 ({} elsewhere).
-    Replicas (dp, cp, and a tied head on the last stage) are sent once; tp shards are
-    concatenated in tp order along the dimension they were split on."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    send = {}
-    if grid.dp_rank == 0 and grid.cp_rank == 0:
-        # A copy, not a view: an asynchronous writer reads it while training changes the original.
-        send = {canonical(n, grid): t.detach().to("cpu", copy=True) for n, t in local.items()
-                if not (_base(canonical(n, grid)) == "embed.weight" and not grid.first)}
-    if world == 1:
-        return send
-    gathered = [None] * world if dist.get_rank() == 0 else None
-    dist.gather_object((grid.tp_rank, send), gathered, dst=0)
-    if dist.get_rank() != 0:
-        return {}
-    shards = {}
-    for tp_rank, part in gathered:
-        for name, t in part.items():
-            shards.setdefault(name, {})[tp_rank] = t
-    return {name: torch.cat([s[r] for r in sorted(s)], dim=grid.tp_sharded[_base(name)])
-            if _base(name) in grid.tp_sharded and s[0].dim() else s[0] for name, s in shards.items()}
-
-
-def _base(name):
-    """The parameter a state entry belongs to: 'layers.0.attn.q_proj.weight.exp_avg' -> '...weight'."""
-    for suffix in (".exp_avg_sq", ".exp_avg", ".step"):
-        name = name.removesuffix(suffix)
-    return name
-
-
 def shard_spec(name, grid):
-    """Which piece of the whole tensor this rank holds for a parameter (or its optimizer
-    state): (dim, index, count), its index-th of count chunks along dim; None: all of it."""
-    dim = grid.tp_sharded.get(_base(name))
+    """Which part of the whole tensor this rank holds for parameter name: (dim, index, count),
+    its index-th of count chunks along dim; None: all of it."""
+    dim = grid.tp_sharded.get(name)
     return None if dim is None else (dim, grid.tp_rank, grid.tp)
 
 

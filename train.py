@@ -9,6 +9,7 @@ checkpoints, skipped steps and rollbacks are functions of their own over the `Ru
 `start` builds. The config is config.py's; checkpoints and model building are checkpoint.py's.
 """
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -23,6 +24,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import checkpoint
 import data
@@ -248,21 +250,19 @@ def prepare_run_dir(cfg, ckpt_dir, resume, start_over):
         shutil.rmtree(os.path.join(ckpt_dir, leftover))  # a write cut short by a crash
     start = checkpoint.resolve_resume(ckpt_dir, resume)
     metrics = os.path.join(cfg.log.dir, "metrics.jsonl")
-    if start:
-        saved = load_config(os.path.join(start, "config.toml")).model
-        differ = [f"model.{k}: {getattr(saved, k)!r} in the checkpoint, {getattr(cfg.model, k)!r} now"
-                  for k in vars(saved) if getattr(saved, k) != getattr(cfg.model, k)]
-        if differ:
-            raise ConfigError(f"{start} holds another model: " + "; ".join(differ))
-    elif start_over:
-        for path in (metrics, os.path.join(cfg.log.dir, "report.md"), ckpt_dir):
-            set_aside(path)
-    elif resume == "auto":  # a restart loop's first attempt died before its first checkpoint
-        set_aside(metrics)
-    elif os.path.exists(metrics) or checkpoint.step_dirs(ckpt_dir):
-        raise ConfigError(f"{cfg.log.dir} already holds a run (metrics.jsonl or checkpoints in {ckpt_dir}): "
-                          "continue it with --resume auto, train into another log.dir, or pass --start-over "
-                          "to move the old run aside")
+    if not start:
+        if start_over:
+            for path in (metrics, os.path.join(cfg.log.dir, "report.md"), ckpt_dir):
+                set_aside(path)
+        elif resume == "auto":  # a restart loop's first attempt died before its first checkpoint
+            set_aside(metrics)
+        elif os.path.exists(metrics) or checkpoint.step_dirs(ckpt_dir):
+            raise ConfigError(f"{cfg.log.dir} already holds a run (metrics.jsonl or checkpoints in {ckpt_dir}): "
+                              "continue it with --resume auto, train into another log.dir, or pass --start-over "
+                              "to move the old run aside")
+        init = cfg.train.init_from
+        if init and not os.path.exists(os.path.join(init, "config.json")):  # a training checkpoint, not HF's
+            checkpoint.verify_checkpoint(init)
     os.makedirs(cfg.log.dir, exist_ok=True)
     with open(os.path.join(cfg.log.dir, "config.toml"), "w") as f:
         f.write(to_toml(cfg))
@@ -311,7 +311,7 @@ def start(cfg, resume=None, start_over=False):
     grid = parallel.make_grid(cfg.parallel, cfg.model, d)
     ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.log.dir, "checkpoints")
     begin = on_rank0(partial(prepare_run_dir, cfg, ckpt_dir, resume, start_over), master)
-    model, dp, named, optimizer = build(cfg, grid, device, begin)
+    model, dp, named, optimizer = build(cfg, grid, device, begin or cfg.train.init_from or None)
     # Ranks of one data-parallel slot (tp, pp and cp peers) read the same sequences.
     loader = data.Loader(d.train, d.seq_len, d.micro_batch, grid.dp_rank, grid.dp, d.seed)
     val_loader = data.Loader(d.val, d.seq_len, d.micro_batch, grid.dp_rank, grid.dp, shuffle=False,
@@ -420,12 +420,19 @@ def validate(run):
 
 
 def benchmark(run):
-    """eval.py's benchmarks on a whole copy of the model, on rank 0."""
-    weights = parallel.full_tensors(dict(run.model.named_parameters()), run.grid)
-    if run.master:
-        tokenizer = data.tokenizer_path(run.cfg.data.train)
-        run.log.write(*evaluation.monitor(run.cfg.eval, tokenizer, run.cfg, weights, run.step, run.device,
-                                          run.autocast))
+    """eval.py's benchmarks in the training layout, through validation's forward: every rank
+    scores every request, one sequence at a time (so data-parallel ranks agree and a pipeline
+    takes it as one micro-batch), padded to a length that cp and sequence parallelism cut evenly."""
+    grid = run.grid
+    multiple = math.lcm(2 * grid.cp if grid.cp > 1 else 1, grid.tp if grid.sequence_parallel else 1)
+    pcfg = dataclasses.replace(run.cfg.parallel, microbatches=0)
+
+    def loss_fn(x, y):
+        x, y = F.pad(x, (0, -x.shape[1] % multiple)), F.pad(y, (0, -y.shape[1] % multiple), value=-100)
+        return parallel.forward_backward(run.model, grid, run.dp, [(x.to(run.device), y.to(run.device))], pcfg,
+                                         run.autocast, backward=False)
+    limit = run.cfg.model.max_seq_len // multiple * multiple
+    run.log.write(*evaluation.monitor(run.cfg.eval, data.tokenizer_path(run.cfg.data.train), loss_fn, limit, run.step))
 
 
 def save(run):

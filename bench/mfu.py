@@ -61,6 +61,10 @@ def main():
         print(f"{n_params / 1e6:.0f}M params, {world} x {name}, layout dp{grid.dp} tp{grid.tp} pp{grid.pp} cp{grid.cp}"
               f", {tokens:,} tokens/step: {dt * 1e3:.0f} ms/step, {tokens / dt / world:,.0f} tokens/s per device"
               + (f", MFU {fpt * tokens / dt / (peak * world):.1%}" if peak else "") + mem)
+        if grid.pp > 1:  # one schedule per step over every micro-step's micro-batches
+            m = d.grad_accum * parallel.microbatches(cfg.parallel, d.micro_batch)
+            print(f"pipeline: {cfg.parallel.pp_schedule}, {m} micro-batches per step, bubble (pp - 1) / (m + pp - 1) "
+                  f"= {(grid.pp - 1) / (m + grid.pp - 1):.1%} of the step")
 
 
 if __name__ == "__main__":

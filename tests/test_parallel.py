@@ -32,9 +32,9 @@ def make_cfg(layout, model=None):
         "optim": dict(lr=1e-2, warmup=1, steps=STEPS, clip=1.0, eps=1e-6)})
 
 
-def global_batches(step):
+def global_batches(step, accum=ACCUM):
     g = torch.Generator().manual_seed(100 + step)
-    tokens = torch.randint(0, MODEL["vocab_size"], (ACCUM, MICRO, SEQ + 1), generator=g)
+    tokens = torch.randint(0, MODEL["vocab_size"], (accum, MICRO, SEQ + 1), generator=g)
     return [(t[:, :-1], t[:, 1:]) for t in tokens]
 
 
@@ -52,18 +52,40 @@ def run_steps(cfg, grid=None):
         for group in opt.param_groups:
             group["lr"] = train.lr_at(step, cfg.optim)
         batches = [(x[grid.dp_rank * mb:(grid.dp_rank + 1) * mb], y[grid.dp_rank * mb:(grid.dp_rank + 1) * mb])
-                   for x, y in global_batches(step)]
+                   for x, y in global_batches(step, cfg.data.grad_accum)]
         loss = parallel.forward_backward(model, grid, dp, batches, cfg.parallel)
         if step == 0:
-            out["grads"] = parallel.full_tensors(full_grads(model, dp), grid)
+            out["grads"] = full_tensors(full_grads(model, dp), grid)
         out["losses"].append(loss.item())
         parallel.clip_grad_norm(named, cfg.optim.clip, grid, dp.zero)
         opt.step()
         dp.after_step()
         dp.zero_grad(model)
-    out["params"] = parallel.full_tensors(full_params(model, dp), grid)
+    out["params"] = full_tensors(full_params(model, dp), grid)
     out["events"] = dp.events
     return out
+
+
+def full_tensors(local, grid):
+    """{name: local tensor} on every rank -> {name: full tensor} on global rank 0 ({} elsewhere):
+    replicas (dp, cp, a tied head on the last stage) sent once, tp parts concatenated in order."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    send = {}
+    if grid.dp_rank == 0 and grid.cp_rank == 0:
+        send = {parallel.canonical(n, grid): t.detach().to("cpu", copy=True) for n, t in local.items()
+                if not (parallel.canonical(n, grid) == "embed.weight" and not grid.first)}
+    if world == 1:
+        return send
+    gathered = [None] * world if dist.get_rank() == 0 else None
+    dist.gather_object((grid.tp_rank, send), gathered, dst=0)
+    if dist.get_rank() != 0:
+        return {}
+    shards = {}
+    for tp_rank, part in gathered:
+        for name, t in part.items():
+            shards.setdefault(name, {})[tp_rank] = t
+    return {name: torch.cat([s[r] for r in sorted(s)], dim=grid.tp_sharded[name])
+            if name in grid.tp_sharded and s[0].dim() else s[0] for name, s in shards.items()}
 
 
 def gather_buckets(dp, slices):
@@ -190,7 +212,7 @@ def test_an_odd_sequence_length_is_fine_without_context_parallelism():
 
 
 # ----------------------------------------------------------------------------------------
-# Checkpoints are consolidated: save under tp2 x pp2, resume under dp4 and under one process.
+# Sharded checkpoints: every rank writes its pieces; any layout reads back what it needs.
 
 def _train(cfg, resume=None):
     train.train(cfg, resume)
@@ -202,18 +224,132 @@ def _losses(run_dir, key="loss"):
 
 
 def test_checkpoint_resumes_under_another_layout(tiny_config, tmp_path):
-    base = dict(checkpoint=dict(every=3), optim=dict(steps=5), model=dict(n_layers=4, tie_embeddings=True))
-    saved = tiny_config(parallel=dict(tp=2, pp=2), **base)
-    spawn(4, _train, saved)
+    """Saved by dp2 x tp2 x pp2 with ZeRO-1, resumed under dp4, under ZeRO-3 on dp2 and on one
+    process: the same next losses, and in-training benchmarks through the pipeline score as
+    one process does."""
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"context": c, "choices": [" a", " b", " c"], "gold": g}) + "\n"
+                            for c, g in (("def f(x):", 0), ("import json", 2), ("class A:", 1))))
+    base = dict(checkpoint=dict(every=3), optim=dict(steps=5), model=dict(n_layers=4, tie_embeddings=True),
+                eval=dict(every=5, tasks=f"t={task}", limit=0))
+    saved = tiny_config(parallel=dict(dp=2, tp=2, pp=2, zero=1), data=dict(micro_batch=2), **base)
+    spawn(8, _train, saved)
     want = _losses(saved.log.dir)
     ckpt = os.path.join(saved.log.dir, "checkpoints", "step_0000003")
-    dp4 = tiny_config(parallel=dict(dp=4), data=dict(micro_batch=1), log=dict(dir=str(tmp_path / "dp4")), **base)
-    spawn(4, _train, dp4, ckpt)
-    single = tiny_config(log=dict(dir=str(tmp_path / "one")), **base)
-    train.train(single, ckpt)
-    for run in (dp4, single):
+    runs = [tiny_config(parallel=dict(dp=4), data=dict(micro_batch=1), log=dict(dir=str(tmp_path / "dp4")), **base),
+            tiny_config(parallel=dict(dp=2, zero=3), data=dict(micro_batch=2), log=dict(dir=str(tmp_path / "z3")),
+                        **base)]
+    spawn(4, _train, runs[0], ckpt)
+    spawn(2, _train, runs[1], ckpt)
+    runs.append(tiny_config(log=dict(dir=str(tmp_path / "one")), **base))
+    train.train(runs[-1], ckpt)
+    for run in runs:
         got = _losses(run.log.dir)
         assert sorted(got) == [4, 5]
         assert abs(got[4] - want[4]) < 1e-5 and abs(got[5] - want[5]) < 1e-4
-        # Validation through the tp2 x pp2 pipeline equals validation of the same weights elsewhere.
+        # Validation through the pipeline equals validation of the same weights elsewhere.
         assert abs(_losses(run.log.dir, "val_loss")[5] - _losses(saved.log.dir, "val_loss")[5]) < 1e-4
+        assert _losses(run.log.dir, "eval/t_acc_token") == _losses(saved.log.dir, "eval/t_acc_token")
+
+
+def _resume_counting_reads(cfg, ckpt):
+    """Resume cfg's run from ckpt, counting the elements this rank reads from the checkpoint's
+    files; return (read, held by this rank: weights, both AdamW moments and a step each)."""
+    import checkpoint
+    read, load = [0], checkpoint.load_box
+
+    def counting(path, key, box):
+        t = load(path, key, box)
+        read[0] += t.numel()
+        return t
+    checkpoint.load_box = counting
+    run = train.start(cfg, resume=ckpt)
+    held = sum(3 * t.numel() + 1 for _, t in run.named)
+    out = torch.tensor([read[0], held])
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)  # the worst rank
+    return out.tolist(), [read[0], held]
+
+
+def test_each_rank_writes_and_reads_only_its_share(tiny_config, tmp_path):
+    """Every tensor is written exactly once across the ranks' files (no rank writes another's
+    piece, no replica twice), and a resume under another layout reads, on every rank, just
+    the elements it then holds: no rank reads (or holds) a whole copy of a sharded tensor."""
+    import numpy as np
+    base = dict(checkpoint=dict(every=2), optim=dict(steps=2), model=dict(tie_embeddings=True, qk_norm=True))
+    saved = tiny_config(parallel=dict(dp=2, tp=2, zero=2, sequence_parallel=True), data=dict(micro_batch=2), **base)
+    spawn(4, _train, saved)
+    ckpt = os.path.join(saved.log.dir, "checkpoints", "step_0000002")
+    index = json.load(open(os.path.join(ckpt, "index.json")))
+    written = {}
+    for kind, tensors in index.items():
+        for name, t in tensors.items():
+            cover = np.zeros(t["shape"], dtype=np.int64)
+            for file, _, box in t["pieces"]:
+                cover[tuple(slice(a, b) for a, b in box)] += 1
+                written[file] = written.get(file, 0) + int(np.prod([b - a for a, b in box]))
+            assert (cover == 1).all(), (kind, name)
+    total = sum(written.values())
+    assert len(written) == 8 and all(n < total / 2 for n in written.values())  # 4 ranks x model, optimizer
+    resumed = tiny_config(parallel=dict(dp=2, tp=2, zero=3), data=dict(micro_batch=2),
+                          log=dict(dir=str(tmp_path / "z3")), **base)
+    (worst_read, worst_held), _ = spawn(4, _resume_counting_reads, resumed, ckpt)
+    assert worst_read == worst_held
+    assert worst_read < sum(written[f] for f in written if f.startswith("model")) * 3 / 2
+
+
+def test_a_pipeline_runs_one_schedule_per_step(reference):
+    """pp2 with 4 micro-steps of 4 sequences: one 1F1B schedule of 16 micro-batches per step
+    (the bubble is (pp - 1) / (16 + pp - 1)), with the losses and gradients of one process."""
+    cfg, single = (make_cfg(layout) for layout in (dict(pp=2), {}))
+    cfg, single = (dataclasses.replace(c, data=dataclasses.replace(c.data, grad_accum=4)) for c in (cfg, single))
+    got, want = spawn(2, _count_schedules, cfg), run_steps(single)
+    assert got["schedules"] == [16] * STEPS
+    assert max(abs(a - b) for a, b in zip(got["losses"], want["losses"])) < 1e-5
+    for n, g in want["grads"].items():
+        assert (got["grads"][n] - g).abs().max() < 1e-4, n
+
+
+def _count_schedules(cfg):
+    calls, schedule = [], parallel.pipeline_schedule
+
+    def counted(model, grid, chunks, *args):
+        calls.append(len(chunks))
+        return schedule(model, grid, chunks, *args)
+    parallel.pipeline_schedule = counted
+    return {**run_steps(cfg), "schedules": calls}
+
+
+def _compiled_steps(cfg):
+    """run_steps with [train] compile = true as train.build applies it (dynamo's eager backend:
+    the tracing and guards of torch.compile without inductor's code generation)."""
+    from torch._dynamo.utils import counters
+    compile_ = torch.compile
+    torch.compile = lambda fn, *args, **kwargs: compile_(fn, backend="eager")
+    try:
+        grid = parallel.make_grid(cfg.parallel, cfg.model, cfg.data)
+        model, dp, named, opt = train.build(cfg, grid, torch.device("cpu"))
+        losses, mb = [], cfg.data.micro_batch
+        for step in range(STEPS):
+            for group in opt.param_groups:
+                group["lr"] = train.lr_at(step, cfg.optim)
+            batches = [(x[grid.dp_rank * mb:(grid.dp_rank + 1) * mb], y[grid.dp_rank * mb:(grid.dp_rank + 1) * mb])
+                       for x, y in global_batches(step)]
+            losses.append(parallel.forward_backward(model, grid, dp, batches, cfg.parallel).item())
+            parallel.clip_grad_norm(named, cfg.optim.clip, grid, dp.zero)
+            opt.step()
+            dp.after_step()
+            dp.zero_grad(model)
+        return losses, counters["stats"]["calls_captured"]
+    finally:
+        torch.compile = compile_
+
+
+@pytest.mark.parametrize("layout", [dict(pp=2), dict(dp=2, zero=3)])
+def test_compile_traces_each_stage_under_every_layout(layout, reference):
+    """compile = true compiles the model's forward, which a pipeline stage runs too (and which
+    ZeRO-3's gathers run around): traced, with the single-process losses."""
+    cfg = make_cfg(layout)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=True))
+    losses, captured = spawn(2, _compiled_steps, cfg)
+    assert captured > 0
+    assert max(abs(a - b) for a, b in zip(losses, reference["untied"]["losses"])) < 1e-4

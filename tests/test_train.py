@@ -290,7 +290,7 @@ def test_every_resume_is_verified_and_another_shape_is_named(tiny_config, tmp_pa
     train.train(tiny_config(optim=dict(steps=2), log=dict(dir=str(tmp_path / "b"))))
     wider = tiny_config(optim=dict(steps=4), log=dict(dir=str(tmp_path / "b")), model=dict(d_model=128))
     err = main_error(capsys, "--config", saved(tmp_path, wider), "--resume", "auto")
-    assert "holds another model: model.d_model: 64 in the checkpoint, 128 now" in err
+    assert "holds another model: model.d_model is 64 there, 128 here" in err
 
 
 def test_shards_of_another_tokenizer_or_vocabulary_are_refused(tiny_config, tokens_dir, tmp_path, capsys):
@@ -314,3 +314,40 @@ def test_under_torchrun_an_error_is_one_line_printed_once(tiny_config, tmp_path)
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     errors = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error: ")]
     assert r.returncode != 0 and len(errors) == 1 and "parallel.tp=4" in errors[0] and "world size of 2" in errors[0]
+
+
+# ----------------------------------------------------------------------------------------
+# Starting from existing weights
+
+def _train(cfg):
+    train.train(cfg)
+
+
+def test_init_from_a_transformers_checkpoint_under_tp2_equals_one_process(tiny_config, tmp_path, capsys):
+    """[train] init_from a transformers Llama directory: the first loss is transformers' own on
+    that batch, under one process and under tp2 alike; another shape is refused by field."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import spawn
+
+    import data
+    hf = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                  rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    theirs = transformers.AutoModelForCausalLM.from_config(hf, attn_implementation="eager")
+    theirs.save_pretrained(tmp_path / "hf")
+    one = tiny_config(train=dict(init_from=str(tmp_path / "hf")), optim=dict(steps=1))
+    tp2 = tiny_config(train=dict(init_from=str(tmp_path / "hf")), optim=dict(steps=1), parallel=dict(tp=2),
+                      log=dict(dir=str(tmp_path / "tp2")))
+    train.train(one)
+    spawn(2, _train, tp2)
+    d = one.data
+    x, y = data.Loader(d.train, d.seq_len, d.micro_batch, seed=d.seed).next_batch()
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(theirs(x).logits.flatten(0, 1), y.flatten()).item()
+    assert abs(losses(one.log.dir)[1] - want) < 1e-5 and abs(losses(tp2.log.dir)[1] - want) < 1e-5
+    wider = tiny_config(train=dict(init_from=str(tmp_path / "hf")), model=dict(d_model=128),
+                        log=dict(dir=str(tmp_path / "wider")))
+    capsys.readouterr()
+    err = main_error(capsys, "--config", saved(tmp_path, wider))
+    assert f"{tmp_path / 'hf'} holds another model: model.d_model is 64 there, 128 here" in err
