@@ -681,7 +681,7 @@ class DataParallel:
         device = next(model.parameters()).device
         params = list(model.named_parameters())
         deferred = grid.tp_partial | ({"embed.weight", "lm_head.weight"} if grid.tied_head and grid.pp > 1 else set())
-        if self.zero == 3:  # one bucket per block; its cross-tp sums are made on the slices (finish_grads)
+        if self.zero == 3:  # one bucket per block; its cross-tp sums are made on the slices (finish)
             blocks = list(model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers)
             prefix = {id(block): name for name, block in model.named_modules() if block in blocks}
             for block in reversed(blocks):
@@ -715,7 +715,7 @@ class DataParallel:
             block.register_forward_pre_hook(lambda module, args: self._unshard(b, prefetch=b - 1))
             block.register_forward_hook(lambda module, args, out: self._after_forward(b, out))
 
-    def _unshard(self, b, prefetch=None):
+    def _unshard(self, b, prefetch):
         """ZeRO-3: all-gather bucket b's parameters (waiting for a prefetch in flight), then start
         the gather of the block that runs next, so it overlaps this block's compute."""
         for i in (b, prefetch):

@@ -185,7 +185,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.command == "run" and args.task_id is not None and not 0 <= args.task_id < args.tasks:
         p.error(f"--task-id {args.task_id} is outside 0..{args.tasks - 1} (--tasks {args.tasks})")
-    args.fn(args)
+    try:
+        args.fn(args)
+    except (ValueError, OSError) as e:  # bad input: one line naming the file and what is wrong
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
