@@ -95,10 +95,11 @@ def weights_source(path, model_cfg):
         raise CheckpointError(f"{path}: neither a checkpoint (config.toml) nor a Hugging Face directory (config.json)")
     saved = read_hf_config(path) if hf else load_config(os.path.join(path, "config.toml")).model
     differ = [f"model.{k} is {getattr(saved, k)!r} there, {getattr(model_cfg, k)!r} here" for k in vars(saved)
-              if k not in ("init_std", "max_seq_len") and getattr(saved, k) != getattr(model_cfg, k)]
+              if k not in ("init_std", "max_seq_len", "vocab_multiple" if hf else "") and
+              getattr(saved, k) != getattr(model_cfg, k)]
     if differ:
         raise CheckpointError(f"{path} holds another model: " + "; ".join(differ))
-    return hf_source(path, saved) if hf else checkpoint_source(path)
+    return hf_source(path, model_cfg) if hf else checkpoint_source(path)
 
 
 # A box is a [start, stop) per dimension of a whole tensor. Files hold boxes; a rank wants the
@@ -149,7 +150,7 @@ def read_boxes(pieces, shape, spec, flat=None):
                 if inter == want:  # one stored piece holds it all (the layout that wrote it): no copy
                     buf = part
                     break
-                buf = torch.empty([b - a for a, b in want], dtype=part.dtype) if buf is None else buf
+                buf = torch.zeros([b - a for a, b in want], dtype=part.dtype) if buf is None else buf  # 0: padding
                 buf[tuple(slice(a - w, b - w) for (a, b), (w, _) in zip(inter, want))] = part
         out.append(buf)
     return torch.cat([t.flatten() for t in out]) if flat else out[0]
@@ -157,10 +158,13 @@ def read_boxes(pieces, shape, spec, flat=None):
 
 def init_source(model_cfg: ModelConfig, seed, device):
     """Each tensor drawn whole by model.init_parameter from a generator of its own, seeded with
-    the seed and its name: the weights do not depend on the layout or on which rank draws."""
+    the seed and its name: the weights do not depend on the layout or on which rank draws.
+    Padded vocabulary rows (model.vocab_multiple) are zeros, the rest as unpadded."""
     def draw(name, shape, spec, flat=None):
         generator = torch.Generator(device).manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-        whole = init_parameter(name, torch.empty(shape, device=device), model_cfg, generator)
+        real = (model_cfg.vocab_size, *shape[1:]) if name in ("embed.weight", "lm_head.weight") else shape
+        whole = init_parameter(name, torch.empty(real, device=device), model_cfg, generator)
+        whole = torch.cat([whole, whole.new_zeros(shape[0] - real[0], *shape[1:])]) if real != shape else whole
         return tensor_source({name: whole})[name][1](spec, flat)
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in Transformer(model_cfg).named_parameters()}
@@ -180,9 +184,10 @@ def load_box(path, key, box):
         return f.get_slice(key)[tuple(slice(a, b) for a, b in box)] if box else f.get_tensor(key)
 
 
-def file_source(paths, rename=lambda key: key):
+def file_source(paths, rename=lambda key: key, padded=None):
     """A source over whole tensors in safetensors files (a Hugging Face checkpoint). rename
-    maps a key on disk to model.py's name, or None to skip it."""
+    maps a key on disk to model.py's name, or None to skip it; padded {name: shape} gives a
+    tensor a larger whole shape, whose part past the file's reads as zeros."""
     source = {}
     for path in paths:
         if not os.path.exists(path):
@@ -192,6 +197,7 @@ def file_source(paths, rename=lambda key: key):
                 if (name := rename(key)) is not None:
                     shape = tuple(f.get_slice(key).get_shape())
                     pieces = [(part_box(shape, None), partial(load_box, path, key))]
+                    shape = (padded or {}).get(name, shape)
                     source[name] = (shape, partial(read_boxes, pieces, shape))
     return source
 
@@ -227,7 +233,7 @@ def load_optimizer_state(optimizer, named, path, grid):
     for name, t in named:
         if f"{name}.exp_avg" in source:
             piece = parallel.piece_of(name, t, grid)
-            state = {key: source[f"{name}.{key}"][1](*piece).view_as(t).to(t.device) for key in ("exp_avg", "exp_avg_sq")}
+            state = {k: source[f"{name}.{k}"][1](*piece).view_as(t).to(t.device) for k in ("exp_avg", "exp_avg_sq")}
             step = source[f"{name}.step"][1](None)
             optimizer.state[t] = {**state, "step": step.to(t.device) if on_device else step.float().cpu()}
 
@@ -465,8 +471,9 @@ def save_hf(model, out_dir, dtype=torch.float32):
         "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
         "mlp_bias": False, "initializer_range": c.init_std, "torch_dtype": str(dtype).removeprefix("torch."),
     }
-    # A tied head is the embedding: store it once, as transformers does.
-    tensors = {hf_rename(n): p.detach().to(dtype).contiguous().cpu() for n, p in model.named_parameters()}
+    # A tied head is the embedding: store it once, as transformers does; padded rows are cut.
+    tensors = {hf_rename(n): p.detach()[:c.vocab_size if n in ("embed.weight", "lm_head.weight") else None]
+               .to(dtype).contiguous().cpu() for n, p in model.named_parameters()}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -494,7 +501,8 @@ def config_from_hf(hf, where="config.json"):
 
 
 def hf_source(hf_dir, cfg):
-    """A source over a transformers checkpoint, one file or sharded (model.safetensors.index.json)."""
+    """A source over a transformers checkpoint, one file or sharded (model.safetensors.index.json),
+    for a model of cfg: the embedding and head padded with zero rows to cfg.padded_vocab."""
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -511,7 +519,8 @@ def hf_source(hf_dir, cfg):
             return hf_rename(key, reverse=True)
         except KeyError:
             raise CheckpointError(f"{hf_dir}: tensor {key!r} has no counterpart in model.py") from None
-    return file_source([os.path.join(hf_dir, f) for f in files], rename)
+    padded = dict.fromkeys(("embed.weight", "lm_head.weight"), (cfg.padded_vocab, cfg.d_model))
+    return file_source([os.path.join(hf_dir, f) for f in files], rename, padded)
 
 
 def read_hf_config(hf_dir):

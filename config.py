@@ -24,14 +24,20 @@ def at_least(default, low):
     return field(default=default, metadata={"min": low})
 
 
+def shards(default=""):
+    """A glob of token shards, or a table of named sources {name = {path = GLOB, weight = W}}."""
+    return field(default=default, metadata={"sources": True})
+
+
 @dataclass
 class DataConfig:
-    train: str = ""             # glob of token shards, e.g. "runs/demo/tokens/train_*.bin"
-    val: str = ""
+    train: str = shards()       # e.g. "runs/demo/tokens/train_*.bin", or { code = { path = "...", weight = 0.3 }, ... }
+    val: str = shards()         # the same; a table validates each source on its own
     seq_len: int = at_least(256, 1)
     micro_batch: int = at_least(8, 1)   # sequences per rank per micro-step
     grad_accum: int = at_least(1, 1)    # micro-steps per optimizer step
     seed: int = 1337            # data order and weight initialisation
+    doc_mask: bool = False      # attention stops at each <|bos|> and positions restart there (packed documents)
 
 
 @dataclass
@@ -121,6 +127,8 @@ class ConfigError(ValueError):
 
 def check_value(key, f, value):
     """The value for dataclass field f, or a ConfigError naming key."""
+    if f.metadata.get("sources") and isinstance(value, dict):
+        return {name: check_source(f"{key}.{name}", s) for name, s in value.items()}
     ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
           float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
           bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}[f.type]
@@ -134,6 +142,16 @@ def check_value(key, f, value):
     if low is not None and value < low:
         raise ConfigError(f"{key} = {value!r}: must be at least {low}")
     return float(value) if f.type is float else value
+
+
+def check_source(key, source):
+    """One source of a data mixture: {path = GLOB, weight = W > 0}."""
+    if not isinstance(source, dict) or set(source) - {"path", "weight"} or not isinstance(source.get("path"), str):
+        raise ConfigError(f"{key} = {source!r}: expected {{ path = \"GLOB\", weight = W }}")
+    weight = source.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+        raise ConfigError(f"{key}.weight = {weight!r}: a source's weight must be a positive number")
+    return {"path": source["path"], "weight": float(weight)}
 
 
 def config_from_dict(d, where="config"):
@@ -202,6 +220,9 @@ def load_config(path, overrides=()):
 def to_toml(cfg):
     """The resolved config as TOML text (saved in every run directory and checkpoint)."""
     def value(v):
+        if isinstance(v, dict):  # an inline table
+            keys = [k if k.isidentifier() else json.dumps(k) for k in v]
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in zip(keys, v.values())) + " }"
         return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
     lines = []
     for section in dataclasses.fields(cfg):

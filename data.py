@@ -79,9 +79,9 @@ def check_shards(patterns, vocab_size):
                          f"model.vocab_size = {vocab_size}")
 
 
-def tokenizer_path(pattern):
-    """The tokenizer.json that prep copied next to the shards."""
-    path = os.path.join(os.path.dirname(find_shards(pattern)[0]), "tokenizer.json")
+def tokenizer_path(spec):
+    """The tokenizer.json that prep copied next to the shards (of the first source of a mixture)."""
+    path = os.path.join(os.path.dirname(find_shards(next(iter(sources(spec).values())))[0]), "tokenizer.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no tokenizer.json next to the token shards")
     return path
@@ -137,20 +137,22 @@ class Loader:
         start = (w - self.starts[s]) * self.seq_len
         return torch.from_numpy(self.shards[s][start:start + self.seq_len + 1].astype(np.int64))
 
+    def advance(self, n):
+        """The ids of the next n windows of the walk, all from one epoch's order (an incomplete
+        tail is left to the next epoch's); last_batch is their place, (epoch, position)."""
+        if self.pos + n > self.n_windows:
+            self.epoch, self.pos, self._order = self.epoch + 1, 0, None
+        self.last_batch = (self.epoch, self.pos)
+        self.pos += n
+        return self.order()[self.pos - n:self.pos]
+
     def next_batch(self):
         """(inputs, targets), both (micro_batch, seq_len) int64, for this rank."""
-        global_batch = self.micro_batch * self.world
-        while True:
-            if self.pos + global_batch > self.n_windows:  # the incomplete tail is left to the next epoch's order
-                self.epoch, self.pos, self._order = self.epoch + 1, 0, None
-            if (self.epoch, self.pos) not in self.skip:
-                break
-            self.pos += global_batch
-        self.last_batch = (self.epoch, self.pos)
-        ids = self.order()[self.pos + self.rank * self.micro_batch:][:self.micro_batch]
-        self.pos += global_batch
-        batch = torch.stack([self.window(int(w)) for w in ids])  # (micro_batch, seq_len + 1)
-        return batch[:, :-1], batch[:, 1:]
+        ids = self.advance(self.micro_batch * self.world)
+        while self.last_batch in self.skip:  # a batch that made the loss spike is never read again
+            ids = self.advance(self.micro_batch * self.world)
+        batch = torch.stack([self.window(int(w)) for w in ids[self.rank * self.micro_batch:][:self.micro_batch]])
+        return batch[:, :-1], batch[:, 1:]                            # (micro_batch, seq_len) each
 
     def state_dict(self):
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.seed, "seq_len": self.seq_len,
@@ -163,3 +165,63 @@ class Loader:
                                  f"{getattr(self, key)}: the data or its settings changed")
         self.epoch, self.pos, self._order = state["epoch"], state["pos"], None
         self.skip = {tuple(b) for b in state.get("skip", [])}
+
+
+class Mixture:
+    """Windows drawn from weighted sources ([data] train as a table). Each slot of a global batch
+    draws its source with the sources' weights from a generator seeded with the seed and the
+    batch number, the same draw on every rank, and each source walks its own shuffled windows;
+    rank r reads slots r * micro_batch onwards. State: the batch number and each source's walk."""
+
+    def __init__(self, sources, seq_len, micro_batch, rank=0, world=1, seed=0, key="data.train"):
+        self.loaders = {name: Loader(s["path"], seq_len, 1, seed=seed + i, key=f"{key}.{name}")
+                        for i, (name, s) in enumerate(sources.items())}
+        weights = np.array([s["weight"] for s in sources.values()], dtype=np.float64)
+        self.p, self.seq_len, self.micro_batch, self.rank, self.world = weights / weights.sum(), seq_len, \
+            micro_batch, rank, world
+        self.seed, self.step, self.skip, self.last_batch = seed, 0, set(), None
+        self.windows = dict.fromkeys(self.loaders, 0)  # drawn from each source, by every rank together
+
+    def next_batch(self):
+        names = list(self.loaders)
+        while True:
+            self.last_batch = (0, self.step)
+            picks = np.random.default_rng([self.seed, self.step]).choice(len(names), self.micro_batch * self.world,
+                                                                         p=self.p)
+            drawn = [(names[i], self.loaders[names[i]].advance(1)[0]) for i in picks]
+            self.step += 1
+            for name, _ in drawn:
+                self.windows[name] += 1
+            if self.last_batch not in self.skip:
+                break
+        batch = torch.stack([self.loaders[n].window(int(w)) for n, w in drawn[self.rank * self.micro_batch:]
+                             [:self.micro_batch]])
+        return batch[:, :-1], batch[:, 1:]
+
+    def epochs(self):
+        """{source: epochs walked}: past 1 its windows repeat."""
+        return {n: loader.epoch + loader.pos / loader.n_windows for n, loader in self.loaders.items()}
+
+    def state_dict(self):
+        return {"step": self.step, "skip": sorted(self.skip), "windows": self.windows,
+                "sources": {n: loader.state_dict() for n, loader in self.loaders.items()}}
+
+    def load_state_dict(self, state):
+        if set(state.get("sources", ())) != set(self.loaders):
+            raise ValueError(f"loader state was saved for the sources {sorted(state.get('sources', ()))}, this run "
+                             f"has {sorted(self.loaders)}: the data mixture changed")
+        for name, loader in self.loaders.items():
+            loader.load_state_dict(state["sources"][name])
+        self.step, self.windows = state["step"], dict(state["windows"])
+        self.skip = {tuple(b) for b in state.get("skip", [])}
+
+
+def sources(spec, key="data.train"):
+    """{config key: glob} of a [data] train or val: a glob, or a table of named sources."""
+    return {f"{key}.{n}": s["path"] for n, s in spec.items()} if isinstance(spec, dict) else {key: spec}
+
+
+def make_loader(spec, seq_len, micro_batch, rank=0, world=1, seed=0, key="data.train"):
+    if isinstance(spec, dict):
+        return Mixture(spec, seq_len, micro_batch, rank, world, seed, key)
+    return Loader(spec, seq_len, micro_batch, rank, world, seed, key=key)

@@ -91,13 +91,21 @@ def _rows(x):
 # Grouped-query attention reads K/V head h // group for query head h: the indexing that
 # repeat_interleave would give, without materialising the repeated K/V.
 
-def attention_ref(q, k, v, causal=True, scale=None):
+def doc_mask(doc_starts, n):
+    """(B, 1, S, S) True where query i may see key j: causal, and not before the start of i's
+    document (doc_starts (B, S)): the block-diagonal mask of packed documents."""
+    i, j = torch.arange(n, device=doc_starts.device)[:, None], torch.arange(n, device=doc_starts.device)
+    return ((j <= i) & (j >= doc_starts[:, :, None]))[:, None]
+
+
+def attention_ref(q, k, v, causal=True, scale=None, doc_starts=None):
     """q (B, Hq, S, D), k and v (B, Hkv, S, D) with Hq a multiple of Hkv -> (B, Hq, S, D)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+    mask = doc_mask(doc_starts, q.shape[2]) if doc_starts is not None else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
-def attention_with_lse_ref(q, k, v, causal=True, scale=None):
+def attention_with_lse_ref(q, k, v, causal=True, scale=None, doc_starts=None):
     """Attention written out, and lse = logsumexp over keys of the scaled (masked) scores,
     (B, Hq, Sq) in fp32, natural log. Computed in fp32 (fp64 when given fp64)."""
     group = q.shape[1] // k.shape[1]
@@ -105,7 +113,9 @@ def attention_with_lse_ref(q, k, v, causal=True, scale=None):
     k, v = k.repeat_interleave(group, 1).to(dt), v.repeat_interleave(group, 1).to(dt)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = q.to(dt) @ k.transpose(-1, -2) * scale                                   # (B, Hq, Sq, Sk)
-    if causal:
+    if doc_starts is not None:
+        s = s.masked_fill(~doc_mask(doc_starts, s.shape[-1]), float("-inf"))
+    elif causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)                                             # (B, Hq, Sq)
     out = torch.exp(s - lse[..., None]) @ v
@@ -153,9 +163,9 @@ def _key_blocks(start_m, SK, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _attn_fwd_blocks(acc, l_i, m_i, q, K, V, rows, lo, hi, sk_s, sv_s, SK, qk_scale,
+def _attn_fwd_blocks(acc, l_i, m_i, q, K, V, rows, starts, lo, hi, sk_s, sv_s, SK, qk_scale,
                      HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+                     BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOC: tl.constexpr):
     """The online softmax over key blocks lo, lo + BLOCK_N, ... < hi. MASK: the blocks on the
     causal diagonal or at the end of the keys, which need masking; the others (most of them
     at long sequences) skip its compares and selects (the Triton tutorial's two stages)."""
@@ -170,12 +180,17 @@ def _attn_fwd_blocks(acc, l_i, m_i, q, K, V, rows, lo, hi, sk_s, sv_s, SK, qk_sc
             keep = cols[None, :] < SK
             if CAUSAL:
                 keep &= cols[None, :] <= rows[:, None]
+            if DOC:  # not before the start of the row's document
+                keep &= cols[None, :] >= starts[:, None]
             s = tl.where(keep, s, float("-inf"))
-        # Online softmax. Every row sees a key in its first block (column 0, or in the masked
-        # stage its own diagonal), so m_new is finite and alpha = exp2(-inf) = 0, never NaN.
+        # Online softmax. Without documents every row sees a key in its first block (column 0,
+        # or in the masked stage its own diagonal), so m_new is finite and alpha = exp2(-inf)
+        # = 0, never NaN; a row whose document starts after this block sees none yet: its max
+        # stays -inf, and 0 stands in for it in the subtraction (p and alpha are then 0).
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new) if DOC else m_new
+        p = tl.exp2(s - m_sub[:, None])
+        alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -183,14 +198,15 @@ def _attn_fwd_blocks(acc, l_i, m_i, q, K, V, rows, lo, hi, sk_s, sv_s, SK, qk_sc
 
 
 @_autotune(_fwd_configs(), triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
-           key=["SQ_POW2", "SK_POW2", "HEAD_DIM", "CAUSAL"])
+           key=["SQ_POW2", "SK_POW2", "HEAD_DIM", "CAUSAL", "DOC"])
 @triton.jit
-def _attn_fwd(Q, K, V, OUT, LSE,
+def _attn_fwd(Q, K, V, OUT, LSE, DOCS,
               sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
               H, GROUP, SQ, SK, SQ_POW2, SK_POW2, qk_scale,
-              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, DOC: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: BLOCK_M query rows of one (batch, head); loops over key blocks."""
+    """One program: BLOCK_M query rows of one (batch, head); loops over key blocks. DOC: packed
+    documents, DOCS (B, 2, S) int32 the start and end of each position's one (_doc_bounds)."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)                  # int64: b * stride can pass 2^31
     b, h = bh // H, bh % H
@@ -205,10 +221,15 @@ def _attn_fwd(Q, K, V, OUT, LSE,
     l_i = tl.zeros([BLOCK_M], tl.float32)                # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)      # unnormalised output
     unmasked, hi = _key_blocks(start_m, SK, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _attn_fwd_blocks(acc, l_i, m_i, q, K, V, rows, 0, unmasked, sk_s, sv_s, SK, qk_scale,
-                                     HEAD_DIM, CAUSAL, PRECISION, BLOCK_N, MASK=False)
-    acc, l_i, m_i = _attn_fwd_blocks(acc, l_i, m_i, q, K, V, rows, unmasked, hi, sk_s, sv_s, SK, qk_scale,
-                                     HEAD_DIM, CAUSAL, PRECISION, BLOCK_N, MASK=True)
+    lo, starts = 0, rows
+    if DOC:  # skip the key blocks wholly before the block's first document; mask the rest
+        starts = tl.load(DOCS + b * 2 * SQ + rows, mask=rows < SQ, other=0)
+        lo = tl.load(DOCS + b * 2 * SQ + start_m) // BLOCK_N * BLOCK_N
+        unmasked = lo
+    acc, l_i, m_i = _attn_fwd_blocks(acc, l_i, m_i, q, K, V, rows, starts, lo, unmasked, sk_s, sv_s, SK, qk_scale,
+                                     HEAD_DIM, CAUSAL, PRECISION, BLOCK_N, MASK=False, DOC=False)
+    acc, l_i, m_i = _attn_fwd_blocks(acc, l_i, m_i, q, K, V, rows, starts, unmasked, hi, sk_s, sv_s, SK, qk_scale,
+                                     HEAD_DIM, CAUSAL, PRECISION, BLOCK_N, MASK=True, DOC=DOC)
     # FA2 section 3.1.1: divide by the normaliser once, after the loop.
     out = acc / l_i[:, None]
     tl.store(OUT + b * so_b + h * so_h + rows[:, None] * so_s + offs_d[None, :],
@@ -245,12 +266,12 @@ def _dkdv_configs():
 
 
 @_autotune(_dkdv_configs(), triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}),
-           key=["SQ_POW2", "SK_POW2", "HEAD_DIM", "CAUSAL"])
+           key=["SQ_POW2", "SK_POW2", "HEAD_DIM", "CAUSAL", "DOC"])
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DOCS,
                    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_s,
                    HKV, GROUP, SQ, SK, SQ_POW2, SK_POW2, sm_scale, qk_scale,
-                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, DOC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_N keys of one (batch, KV head). It loops over every query head of
     the group and every query block that can see these keys, so dK and dV are summed in
@@ -273,12 +294,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
         lo = (start_n // BLOCK_M) * BLOCK_M
     else:
         lo = 0
+    hi = SQ
+    if DOC:  # queries past the document of the block's last key cannot see it
+        hi = tl.load(DOCS + b * 2 * SQ + SQ + tl.minimum(start_n + BLOCK_N, SK) - 1)
     for g in range(GROUP):
         h = kvh * GROUP + g
         q_ptr = Q + b * sq_b + h * sq_h
         do_ptr = DO + b * sdo_b + h * sdo_h
         row_ptr = (b * HKV * GROUP + h) * SQ                   # into LSE and DELTA, (B, Hq, SQ)
-        for start_m in range(lo, SQ, BLOCK_M):
+        for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
             # Keys along rows here (the transposed orientation of the forward): then P^T and
             # dS^T come straight out of the dots and only loaded tiles are ever transposed,
@@ -292,6 +316,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
             keep = (cols[:, None] < SK) & (rows[None, :] < SQ)
             if CAUSAL:
                 keep &= cols[:, None] <= rows[None, :]
+            if DOC:
+                keep &= cols[:, None] >= tl.load(DOCS + b * 2 * SQ + rows, mask=rows < SQ, other=0)[None, :]
             p_t = tl.where(keep, tl.exp2(s_t - lse[None, :] * 1.4426950408889634), 0.0)   # log2(e)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -309,9 +335,9 @@ def _dq_configs():
 
 
 @triton.jit
-def _attn_dq_blocks(dq, q, do, lse2, delta, K, V, rows, lo, hi, sk_s, sv_s, SK, qk_scale,
+def _attn_dq_blocks(dq, q, do, lse2, delta, K, V, rows, starts, lo, hi, sk_s, sv_s, SK, qk_scale,
                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_N: tl.constexpr, MASK: tl.constexpr):
+                    BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOC: tl.constexpr):
     """dQ summed over key blocks lo, lo + BLOCK_N, ... < hi; MASK as in _attn_fwd_blocks."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
@@ -323,6 +349,8 @@ def _attn_dq_blocks(dq, q, do, lse2, delta, K, V, rows, lo, hi, sk_s, sv_s, SK, 
             keep = cols[None, :] < SK
             if CAUSAL:
                 keep &= cols[None, :] <= rows[:, None]
+            if DOC:
+                keep &= cols[None, :] >= starts[:, None]
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])                                   # dL/d(scaled scores)
@@ -331,12 +359,12 @@ def _attn_dq_blocks(dq, q, do, lse2, delta, K, V, rows, lo, hi, sk_s, sv_s, SK, 
 
 
 @_autotune(_dq_configs(), triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
-           key=["SQ_POW2", "SK_POW2", "HEAD_DIM", "CAUSAL"])
+           key=["SQ_POW2", "SK_POW2", "HEAD_DIM", "CAUSAL", "DOC"])
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DOCS,
                  sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_s,
                  H, GROUP, SQ, SK, SQ_POW2, SK_POW2, sm_scale, qk_scale,
-                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, DOC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_M query rows of one (batch, head); loops over key blocks like the
     forward and sums dQ in registers. A separate kernel from dK/dV so neither needs atomics
@@ -356,10 +384,15 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     V += b * sv_b + (h // GROUP) * sv_h
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     unmasked, hi = _key_blocks(start_m, SK, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _attn_dq_blocks(dq, q, do, lse2, delta, K, V, rows, 0, unmasked, sk_s, sv_s, SK, qk_scale,
-                         HEAD_DIM, CAUSAL, PRECISION, BLOCK_N, MASK=False)
-    dq = _attn_dq_blocks(dq, q, do, lse2, delta, K, V, rows, unmasked, hi, sk_s, sv_s, SK, qk_scale,
-                         HEAD_DIM, CAUSAL, PRECISION, BLOCK_N, MASK=True)
+    lo, starts = 0, rows
+    if DOC:  # as the forward: skip the blocks before the first document, mask the rest
+        starts = tl.load(DOCS + b * 2 * SQ + rows, mask=rows < SQ, other=0)
+        lo = tl.load(DOCS + b * 2 * SQ + start_m) // BLOCK_N * BLOCK_N
+        unmasked = lo
+    dq = _attn_dq_blocks(dq, q, do, lse2, delta, K, V, rows, starts, lo, unmasked, sk_s, sv_s, SK, qk_scale,
+                         HEAD_DIM, CAUSAL, PRECISION, BLOCK_N, MASK=False, DOC=False)
+    dq = _attn_dq_blocks(dq, q, do, lse2, delta, K, V, rows, starts, unmasked, hi, sk_s, sv_s, SK, qk_scale,
+                         HEAD_DIM, CAUSAL, PRECISION, BLOCK_N, MASK=True, DOC=DOC)
     tl.store(DQ + b * sq_b + h * sq_h + rows[:, None] * sq_s + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_mask)
 
@@ -376,27 +409,38 @@ def _dense(t):
     return t if t.is_contiguous() or t.transpose(1, 2).is_contiguous() else t.contiguous()
 
 
+def _doc_bounds(doc_starts):
+    """(B, 2, S) int32: each position's document start and end (the next start, or S), what
+    the kernels read to mask and to skip whole blocks of other documents."""
+    S = doc_starts.shape[1]
+    at = torch.arange(S, device=doc_starts.device)
+    begins = torch.where(doc_starts == at, at, S)                  # positions that start a document
+    after = torch.cat([begins[:, 1:], torch.full_like(begins[:, :1], S)], 1)
+    ends = after.flip(1).cummin(1).values.flip(1)
+    return torch.stack([doc_starts, ends], 1).to(torch.int32).contiguous()
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
+    def forward(ctx, q, k, v, causal, scale, docs):
         q, k, v = _dense(q), _dense(k), _dense(v)
         B, H, SQ, D = q.shape
         HKV, SK = k.shape[1], k.shape[2]
         o = torch.empty_like(q)
         lse = torch.empty(B, H, SQ, device=q.device, dtype=torch.float32)
         grid = lambda meta: (triton.cdiv(SQ, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _attn_fwd[grid](q, k, v, o, lse, *_s(q), *_s(k), *_s(v), *_s(o),
+        _attn_fwd[grid](q, k, v, o, lse, lse if docs is None else docs, *_s(q), *_s(k), *_s(v), *_s(o),
                         H, H // HKV, SQ, SK, triton.next_power_of_2(SQ), triton.next_power_of_2(SK),
                         scale * math.log2(math.e),
-                        HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q))
-        ctx.save_for_backward(q, k, v, o, lse)
+                        HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q), DOC=docs is not None)
+        ctx.save_for_backward(q, k, v, o, lse, docs)
         ctx.causal, ctx.scale = causal, scale
         ctx.set_materialize_grads(False)  # an unused out or lse gets None, not a tensor of zeros
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, docs = ctx.saved_tensors
         B, H, SQ, D = q.shape
         do = torch.zeros_like(o) if do is None else (do if do.stride(-1) == 1 else do.contiguous())
         delta = torch.empty_like(lse)
@@ -406,23 +450,24 @@ class _FlashAttention(torch.autograd.Function):
             # lse = logsumexp_j(s_ij) gives d lse_i / d s_ij = P_ij, so its gradient adds
             # dlse_i * P_ij to dS_ij = P_ij (dP_ij - delta_i): the same as delta_i -= dlse_i.
             delta -= dlse
-        return (*_flash_backward(q, k, v, do, lse, delta, ctx.causal, ctx.scale, q.dtype), None, None)
+        return (*_flash_backward(q, k, v, do, lse, delta, ctx.causal, ctx.scale, q.dtype, docs), None, None, None)
 
 
-def _flash_backward(q, k, v, do, lse, delta, causal, scale, grad_dtype):
+def _flash_backward(q, k, v, do, lse, delta, causal, scale, grad_dtype, docs=None):
     """dQ, dK, dV in grad_dtype from the row log-sum-exp and delta (FA2 section 3.1.2)."""
     B, H, SQ, D = q.shape
     HKV, SK = k.shape[1], k.shape[2]
     # empty_like keeps the strides of q, k, v (see _dense), which the kernels write through.
     dq, dk, dv = (torch.empty_like(t, dtype=grad_dtype) for t in (q, k, v))
     args = (*_s(q), *_s(k), *_s(v), *_s(do))
-    meta = dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q))
+    meta = dict(HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q), DOC=docs is not None)
+    docs = lse if docs is None else docs
     qk_scale = scale * math.log2(math.e)
     lengths = (SQ, SK, triton.next_power_of_2(SQ), triton.next_power_of_2(SK))
     _attn_bwd_dkdv[lambda m: (triton.cdiv(SK, m["BLOCK_N"]), B * HKV)](
-        q, k, v, do, lse, delta, dk, dv, *args, HKV, H // HKV, *lengths, scale, qk_scale, **meta)
+        q, k, v, do, lse, delta, dk, dv, docs, *args, HKV, H // HKV, *lengths, scale, qk_scale, **meta)
     _attn_bwd_dq[lambda m: (triton.cdiv(SQ, m["BLOCK_M"]), B * H)](
-        q, k, v, do, lse, delta, dq, *args, H, H // HKV, *lengths, scale, qk_scale, **meta)
+        q, k, v, do, lse, delta, dq, docs, *args, H, H // HKV, *lengths, scale, qk_scale, **meta)
     return dq, dk, dv
 
 
@@ -434,11 +479,15 @@ def _pad_head_dim(t):
     return t if padded == D else F.pad(t, (0, padded - D))
 
 
-def attention_with_lse(q, k, v, causal=True, scale=None):
+def attention_with_lse(q, k, v, causal=True, scale=None, doc_starts=None):
     """q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D) -> out (B, Hq, Sq, D) and lse (B, Hq, Sq), the
     natural-log log-sum-exp of each row's scaled scores, in fp32. Differentiable through both:
     ring attention merges partial outputs with lse, and its backward flows through lse too.
-    Causal needs Sq == Sk (the diagonal block); non-causal takes any lengths."""
+    Causal needs Sq == Sk (the diagonal block); non-causal takes any lengths. doc_starts
+    (B, S): packed documents, where each position's document starts; a query sees only the
+    keys of its own (causal within it), and the kernels skip blocks of other documents."""
+    if doc_starts is not None and not (causal and doc_starts.shape == (q.shape[0], q.shape[2])):
+        raise ValueError(f"documents need causal attention and doc_starts of shape {(q.shape[0], q.shape[2])}")
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"causal attention needs equal query and key lengths, got {q.shape[2]} and {k.shape[2]}")
     if q.shape[1] % k.shape[1]:
@@ -448,16 +497,17 @@ def attention_with_lse(q, k, v, causal=True, scale=None):
     D = q.shape[-1]
     scale = D ** -0.5 if scale is None else scale
     if not use_triton(q):
-        return attention_with_lse_ref(q, k, v, causal, scale)
-    out, lse = _FlashAttention.apply(_pad_head_dim(q), _pad_head_dim(k), _pad_head_dim(v), causal, scale)
+        return attention_with_lse_ref(q, k, v, causal, scale, doc_starts)
+    docs = _doc_bounds(doc_starts) if doc_starts is not None else None
+    out, lse = _FlashAttention.apply(_pad_head_dim(q), _pad_head_dim(k), _pad_head_dim(v), causal, scale, docs)
     return out[..., :D], lse
 
 
-def attention(q, k, v, causal=True, scale=None):
+def attention(q, k, v, causal=True, scale=None, doc_starts=None):
     """softmax(q k^T * scale) v with grouped-query heads; the layout of torch's SDPA."""
     if not use_triton(q):
-        return attention_ref(q, k, v, causal, scale)
-    return attention_with_lse(q, k, v, causal, scale)[0]
+        return attention_ref(q, k, v, causal, scale, doc_starts)
+    return attention_with_lse(q, k, v, causal, scale, doc_starts)[0]
 
 
 def attention_block_backward_ref(q, k, v, dout, lse, delta, causal=True, scale=None):

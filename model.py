@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import kernels
@@ -36,6 +37,10 @@ class ModelConfig:
     tie_embeddings: bool = False
     qk_norm: bool = False      # RMSNorm on each query/key head before RoPE (OLMo 2, Qwen3)
     init_std: float = 0.02     # GPT-2 / Llama initialisation
+    # Embedding and head rows rounded up to a multiple of this, so that any tensor-parallel
+    # width divides them whatever the tokenizer (Megatron pads to 128 x tp); the padded ids
+    # are never predicted: the head's logits stop at vocab_size.
+    vocab_multiple: int = 1
 
     def __post_init__(self):
         if self.head_dim == 0 and self.d_model % self.n_heads:
@@ -47,6 +52,10 @@ class ModelConfig:
             raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE")
+
+    @property
+    def padded_vocab(self):
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 
 # ----------------------------------------------------------------------------------------
@@ -74,7 +83,8 @@ def rope_tables(head_dim, max_seq_len, theta):
 
 
 def apply_rope(x, cos, sin):
-    """x (B, H, S, D); cos, sin (S, D) for the positions of x's sequence."""
+    """x (B, H, S, D); cos, sin (S, D) for the positions of x's sequence, or (B, 1, S, D) when
+    positions differ by row (packed documents)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
@@ -94,7 +104,7 @@ class Attention(nn.Module):
         # The one place attention is computed; context parallelism swaps in ring attention.
         self.attn_fn = kernels.attention
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, doc_starts=None):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # Shapes come from the projections, not from x: under tensor parallelism a rank holds
         # fewer heads (-1 below), and under sequence parallelism x holds a slice of the
@@ -106,7 +116,7 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = self.attn_fn(q, k, v, causal=True)                             # (B, Hq, S, D)
+        y = self.attn_fn(q, k, v, causal=True, doc_starts=doc_starts)      # (B, Hq, S, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))            # (B, S, d_model)
 
 
@@ -131,8 +141,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, cos, sin, doc_starts=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, doc_starts)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -155,26 +165,38 @@ def init_parameter(name, p, cfg, generator=None):
 class LMHead(nn.Linear):
     """The output projection to the vocabulary; given targets, it returns the mean loss instead
     of the logits. On the Triton path the projection and the loss run fused over row chunks,
-    so the (tokens, vocab) logits never exist at once. parallel.py swaps in a vocab-parallel
-    head with the same weight name."""
+    so the (tokens, vocab) logits never exist at once. Rows past vocab (padding) are left out.
+    parallel.py swaps in a vocab-parallel head with the same weight name."""
+
+    def __init__(self, d_model, padded_vocab, vocab):
+        super().__init__(d_model, padded_vocab, bias=False)
+        self.vocab = vocab
 
     def forward(self, h, targets=None, ignore_index=-100):
+        weight = self.weight[:self.vocab]
         if targets is None:
-            return super().forward(h)                                      # (B, S, vocab)
+            return F.linear(h, weight)                                     # (B, S, vocab)
         h, targets = h.flatten(0, 1), targets.flatten()                   # (B*S, d_model), (B*S,)
         if kernels.use_triton(h):
-            return kernels.linear_cross_entropy(h, self.weight, targets, ignore_index)
-        return kernels.cross_entropy(super().forward(h), targets, ignore_index)
+            return kernels.linear_cross_entropy(h, weight, targets, ignore_index)
+        return kernels.cross_entropy(F.linear(h, weight), targets, ignore_index)
+
+
+def document_starts(ids, bos_id):
+    """(B, S): where the document of each position starts, the last <|bos|> at or before it
+    (0 before the first): what masks attention and restarts positions in packed sequences."""
+    at = torch.arange(ids.shape[1], device=ids.device)
+    return torch.where(ids == bos_id, at, 0).cummax(1).values
 
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = nn.Embedding(cfg.padded_vocab, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.padded_vocab, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -201,13 +223,15 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             init_parameter(name, p, self.cfg)
 
-    def forward(self, x, targets=None, pos=None, ignore_index=-100):
+    def forward(self, x, targets=None, pos=None, doc_starts=None, ignore_index=-100):
         """input_ids (B, S) -> logits (B, S, vocab), or the mean loss when targets are given.
 
         pos (S,): the tokens' positions, for RoPE; an arange unless the sequence is cut into
         chunks (context parallel) or continues a cache (generation). They are not range-checked
         here: reading pos.max() would synchronise with the GPU on every step and break
         torch.compile's graph, so callers check lengths (below, and the config's data.seq_len).
+        doc_starts (B, S): packed documents (document_starts): attention stays inside each,
+        and positions restart at its start, so a document sees what it would see alone.
         A pipeline stage (parallel.py) lacks the embedding, the head or both: it takes hidden
         states (B, S, d_model) in, or gives them out."""
         if pos is None:
@@ -215,14 +239,18 @@ class Transformer(nn.Module):
                 raise ValueError(f"sequence of {x.shape[1]} tokens is longer than "
                                  f"model.max_seq_len={self.cfg.max_seq_len}")
             pos = torch.arange(x.shape[1], device=x.device)
-        cos, sin = self.rope_cos[pos], self.rope_sin[pos]                  # (S, head_dim)
+        if doc_starts is not None:
+            pos = pos - doc_starts                                         # (B, S)
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]                  # (S or B, S, head_dim)
+        if pos.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]                          # (B, 1, S, head_dim)
         h = self.embed(x) if self.embed is not None else x                 # (B, S, d_model)
         layers = self.layers.values() if isinstance(self.layers, nn.ModuleDict) else self.layers
         for layer in layers:
             if self.recompute and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, doc_starts, use_reentrant=False)
             else:
-                h = layer(h, cos, sin)
+                h = layer(h, cos, sin, doc_starts)
         if self.lm_head is None:
             return h
         return self.lm_head(self.norm(h), targets, ignore_index)

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from model import document_starts
 
 VERBOSE = os.environ.get("PARALLEL_VERBOSE") == "1"  # print pipeline transfers and bucket launches
 
@@ -87,7 +88,10 @@ def check_layout(p, model_cfg, data_cfg, world):
     checks = [
         (m.n_heads % p.tp == 0, f"model.n_heads={m.n_heads} is not divisible by parallel.tp={p.tp}"),
         (m.n_kv_heads % p.tp == 0, f"model.n_kv_heads={m.n_kv_heads} is not divisible by parallel.tp={p.tp}"),
-        (m.vocab_size % p.tp == 0, f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}"),
+        (m.padded_vocab % p.tp == 0, f"model.vocab_size={m.vocab_size} is not divisible by parallel.tp={p.tp}: set "
+                                     f"model.vocab_multiple = {64 * p.tp} to pad it (padded ids are never predicted)"),
+        (p.cp == 1 or not data_cfg.doc_mask, f"data.doc_mask with parallel.cp={p.cp}: ring attention does not "
+                                             "mask documents; use cp = 1 with packed documents"),
         (m.n_layers >= p.pp, f"model.n_layers={m.n_layers} is fewer than parallel.pp={p.pp} stages"),
         (p.cp == 1 or data_cfg.seq_len % (2 * p.cp) == 0,
          f"data.seq_len={data_cfg.seq_len} is not divisible by 2 x parallel.cp={2 * p.cp} (two chunks per rank)"),
@@ -99,7 +103,7 @@ def check_layout(p, model_cfg, data_cfg, world):
         (p.ep == 1, "parallel.ep > 1 needs a Mixture-of-Experts model"),
         # ZeRO-3 gathers a block's parameters around each use; a pipeline would gather them
         # again for every micro-batch in flight (DeepSpeed does not combine the two either).
-        (p.zero < 3 or p.pp == 1, f"parallel.zero=3 with parallel.pp={p.pp}: use parallel.zero = 1 or 2 with pipelines"),
+        (p.zero < 3 or p.pp == 1, f"parallel.zero=3 with parallel.pp={p.pp}: use parallel.zero = 1 or 2 with pp"),
     ]
     for ok, message in checks:
         if not ok:
@@ -314,9 +318,11 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
     all-reduce the row max, the sum of exponentials and the target logit (Megatron-LM)."""
 
     @staticmethod
-    def forward(ctx, logits, targets, start, group, ignore_index):
+    def forward(ctx, logits, targets, start, group, ignore_index, vocab):
         logits = logits.float()                                 # (N, V / tp)
         n_local = logits.shape[-1]
+        if start + n_local > vocab:  # padded rows (model.vocab_multiple) never win the softmax
+            logits[:, max(0, vocab - start):] = float("-inf")
         row_max = all_reduce(logits.max(-1).values, group, dist.ReduceOp.MAX)
         exp = (logits - row_max[:, None]).exp()
         sum_exp = all_reduce(exp.sum(-1), group)
@@ -337,17 +343,17 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         rows = torch.arange(grad.shape[0], device=grad.device)
         grad[rows, local_t] -= mine.float()
         grad *= (valid.float() * g / n_valid)[:, None]
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 class VocabParallelLMHead(nn.Module):
     """The head's vocabulary rows split over tp (tied: the embedding's own shard). With
     targets, the vocab-parallel loss, so the (tokens, vocab) logits are never gathered;
-    without (scoring, generation), the logits gathered whole."""
+    without (scoring, generation), the logits gathered whole, cut to the vocabulary."""
 
-    def __init__(self, weight, grid):
+    def __init__(self, weight, grid, vocab):
         super().__init__()
-        self.weight, self.grid = weight, grid
+        self.weight, self.grid, self.vocab = weight, grid, vocab
 
     def forward(self, h, targets=None, ignore_index=-100):
         logits = F.linear(enter_tp(h, self.grid), self.weight)    # (B, S, V / tp)
@@ -355,9 +361,9 @@ class VocabParallelLMHead(nn.Module):
         if targets is None:
             parts = [torch.empty_like(logits) for _ in range(self.grid.tp)]
             dist.all_gather(parts, logits.contiguous(), group=group)
-            return torch.cat(parts, dim=-1)                         # (B, S, V)
+            return torch.cat(parts, dim=-1)[..., :self.vocab]       # (B, S, V)
         return VocabParallelCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(),
-                                               self.grid.tp_rank * logits.shape[-1], group, ignore_index)
+                                               self.grid.tp_rank * logits.shape[-1], group, ignore_index, self.vocab)
 
 
 def apply_tensor_parallel(model, grid):
@@ -375,7 +381,8 @@ def apply_tensor_parallel(model, grid):
         grid.tp_partial.add("norm.weight")
     tied = model.lm_head.weight is model.embed.weight
     model.embed = VocabParallelEmbedding(model.embed, grid)
-    model.lm_head = VocabParallelLMHead(model.embed.weight if tied else _shard(model.lm_head.weight, 0, grid), grid)
+    model.lm_head = VocabParallelLMHead(model.embed.weight if tied else _shard(model.lm_head.weight, 0, grid), grid,
+                                        model.cfg.vocab_size)
     for name, module in model.named_modules():
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead)):
             grid.tp_sharded[f"{name}.weight"] = 1 if isinstance(module, RowParallelLinear) else 0
@@ -472,8 +479,9 @@ class RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
 
 
-def ring_attention(q, k, v, causal=True, scale=None, grid=None):
-    """kernels.attention's signature over the cp group; q, k, v hold this rank's two chunks."""
+def ring_attention(q, k, v, causal=True, scale=None, doc_starts=None, grid=None):
+    """kernels.attention's signature over the cp group; q, k, v hold this rank's two chunks.
+    Packed documents are refused at start (check_layout): doc_starts is always None here."""
     return RingAttention.apply(q, k, v, scale or q.shape[-1] ** -0.5, causal, grid)
 
 
@@ -560,13 +568,14 @@ class Pipe:
 
 
 def pipeline_schedule(model, grid, chunks, pos, scale, schedule, pipe, before_last_backward, autocast):
-    """Run forward and backward of every micro-batch in chunks [(inputs, targets)] with the
-    AFAB (GPipe) or 1F1B (PipeDream-Flush) order. Returns the summed loss (last stage)."""
+    """Run forward and backward of every micro-batch in chunks [(inputs, targets, document
+    starts or None)] with the AFAB (GPipe) or 1F1B (PipeDream-Flush) order. Returns the
+    summed loss (last stage)."""
     m, stash, losses = len(chunks), [], []
 
     def forward(i, x):
         with autocast:
-            out = model(x if x is not None else chunks[i][0], chunks[i][1], pos)
+            out = model(x if x is not None else chunks[i][0], chunks[i][1], pos, chunks[i][2])
         if grid.last:
             losses.append(out.detach().float())
         stash.append((x, out))
@@ -853,21 +862,24 @@ class DataParallel:
 # ----------------------------------------------------------------------------------------
 # 7. The training step
 
-def forward_backward(model, grid, dp, batches, pcfg, autocast=contextlib.nullcontext(), backward=True):
+def forward_backward(model, grid, dp, batches, pcfg, autocast=contextlib.nullcontext(), backward=True, bos=None):
     """One optimizer step's forward and backward over batches [(inputs, targets)] (one per
     gradient-accumulation micro-step), in every layout. Returns the mean loss over the
     global batch, the same number on every rank. Under pipeline parallelism all micro-steps'
     micro-batches go through one schedule, so the bubble is (pp - 1) / (m + pp - 1) of the
     step for m micro-batches in all. Every path scales each loss by 1 / (micro-batches in
-    the step), so all layouts average the same way."""
+    the step), so all layouts average the same way. bos: packed documents start at this
+    token (data.doc_mask), attention stays inside each (model.document_starts)."""
     x0 = batches[0][0]
     pos = torch.arange(x0.shape[1], device=x0.device)
     if grid.cp > 1:
         pos = context_chunks(x0, grid)[1]
         batches = [(context_chunks(x, grid)[0], context_chunks(y, grid)[0]) for x, y in batches]
+    starts = [document_starts(x, bos) if bos is not None else None for x, _ in batches]
     if grid.pp > 1:
         m = microbatches(pcfg, len(x0))
-        chunks = [c for x, y in batches for c in zip(x.chunk(m), y.chunk(m))]
+        chunks = [(x, y, d) for (xs, ys), ds in zip(batches, starts)
+                  for x, y, d in zip(xs.chunk(m), ys.chunk(m), ds.chunk(m) if ds is not None else [None] * m)]
         seq = batches[0][0].shape[1] // (grid.tp if grid.sequence_parallel else 1)
         param = next(model.parameters())
         pipe = Pipe(grid, (len(x0) // m, seq, model.cfg.d_model), param.dtype, x0.device)
@@ -882,10 +894,10 @@ def forward_backward(model, grid, dp, batches, pcfg, autocast=contextlib.nullcon
         loss = all_reduce(loss, grid.groups.get("pp"))  # the loss is known on the last stage only
     else:
         loss = torch.zeros((), device=x0.device)
-        for k, (x, y) in enumerate(batches):
+        for k, ((x, y), doc_starts) in enumerate(zip(batches, starts)):
             dp.sync = k == len(batches) - 1
             with torch.set_grad_enabled(backward), autocast:
-                micro_loss = model(x, y, pos=pos)
+                micro_loss = model(x, y, pos=pos, doc_starts=doc_starts)
             if backward:
                 (micro_loss / len(batches)).backward()
                 dp.settle()
@@ -899,10 +911,10 @@ def forward_backward(model, grid, dp, batches, pcfg, autocast=contextlib.nullcon
 def forward_only_pipeline(model, grid, chunks, pos, pipe, autocast):
     """Validation through the pipeline: forwards only; the summed loss on the last stage."""
     losses = []
-    for inputs, targets in chunks:
+    for inputs, targets, doc_starts in chunks:
         x = pipe.recv_forward()
         with autocast:
-            out = model(x.detach() if x is not None else inputs, targets, pos)
+            out = model(x.detach() if x is not None else inputs, targets, pos, doc_starts)
         if grid.last:
             losses.append(out.float())
         else:

@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -229,7 +230,8 @@ def on_rank0(fn, master):
 
 def check_inputs(cfg):
     """Fail before any training on data or benchmark files that cannot serve this config."""
-    shards = {"data.train": cfg.data.train, **({"data.val": cfg.data.val} if cfg.data.val else {})}
+    shards = {**data.sources(cfg.data.train, "data.train"), **(data.sources(cfg.data.val, "data.val") if cfg.data.val
+                                                                 else {})}
     data.check_shards(shards, cfg.model.vocab_size)
     if cfg.eval.every and cfg.eval.tasks:
         evaluation.load_tasks(cfg.eval.tasks, cfg.eval.limit)
@@ -280,9 +282,10 @@ class Run:
     dp: parallel.DataParallel
     named: list              # (name, tensor) pairs the optimizer updates
     optimizer: torch.optim.Optimizer
-    loader: data.Loader
-    val_loader: data.Loader | None
+    loader: data.Loader | data.Mixture
+    val_loaders: dict        # {source: Loader}; one unnamed source ("") for a plain glob
     token_bytes: torch.Tensor
+    bos: int | None          # packed documents start at this token (data.doc_mask)
     log: MetricsLog
     writer: checkpoint.CheckpointWriter
     ckpt_dir: str
@@ -313,11 +316,14 @@ def start(cfg, resume=None, start_over=False):
     begin = on_rank0(partial(prepare_run_dir, cfg, ckpt_dir, resume, start_over), master)
     model, dp, named, optimizer = build(cfg, grid, device, begin or cfg.train.init_from or None)
     # Ranks of one data-parallel slot (tp, pp and cp peers) read the same sequences.
-    loader = data.Loader(d.train, d.seq_len, d.micro_batch, grid.dp_rank, grid.dp, d.seed)
-    val_loader = data.Loader(d.val, d.seq_len, d.micro_batch, grid.dp_rank, grid.dp, shuffle=False,
-                             key="data.val") if d.val else None
+    loader = data.make_loader(d.train, d.seq_len, d.micro_batch, grid.dp_rank, grid.dp, d.seed)
+    val_loaders = {key.removeprefix("data.val").lstrip("."): data.Loader(
+        pattern, d.seq_len, d.micro_batch, grid.dp_rank, grid.dp, shuffle=False, key=key)
+        for key, pattern in (data.sources(d.val, "data.val") if d.val else {}).items()}
     token_bytes = torch.tensor(data.token_byte_lengths(data.tokenizer_path(d.train)), device=device)
-    run = Run(cfg, grid, device, autocast, model, dp, named, optimizer, loader, val_loader, token_bytes,
+    first_shard = data.find_shards(next(iter(data.sources(d.train).values())))[0]
+    bos = data.read_sidecar(first_shard).get("bos_id") if d.doc_mask else None
+    run = Run(cfg, grid, device, autocast, model, dp, named, optimizer, loader, val_loaders, token_bytes, bos,
               MetricsLog(cfg.log.dir, master), checkpoint.CheckpointWriter(cfg.checkpoint.asynchronous), ckpt_dir,
               master)
     if begin:
@@ -382,7 +388,7 @@ def train_step(run, guard):
     for _ in range(cfg.data.grad_accum):
         batches.append(tuple(t.to(run.device, non_blocking=True) for t in run.loader.next_batch()))
         batch_ids.append(run.loader.last_batch)
-    loss = parallel.forward_backward(run.model, run.grid, run.dp, batches, cfg.parallel, run.autocast)
+    loss = parallel.forward_backward(run.model, run.grid, run.dp, batches, cfg.parallel, run.autocast, bos=run.bos)
     grad_norm = parallel.clip_grad_norm(run.named, cfg.optim.clip, run.grid, run.dp.zero)
     loss, grad_norm = loss.item(), float(grad_norm)  # the one host sync per step
     verdict = guard.verdict(loss, grad_norm)
@@ -402,21 +408,37 @@ def log_step(run, loss, grad_norm, dt, tokens_per_step, flops_per_token, peak):
     world = dist.get_world_size() if dist.is_initialized() else 1
     mfu = f" | mfu {flops_per_token * tokens_per_step / dt / (peak * world):.1%}" if peak else ""
     eta = fmt_time(run.counters["seconds"] / step * (cfg.optim.steps - step))
+    if isinstance(run.loader, data.Mixture):  # tokens and epochs per source
+        epochs = run.loader.epochs()
+        rec.update({f"tokens/{n}": w * cfg.data.seq_len for n, w in run.loader.windows.items()})
+        rec.update({f"epochs/{n}": e for n, e in epochs.items()})
     run.log.write(rec, f"step {step:>6}/{cfg.optim.steps} | loss {loss:.4f} | lr {rec['lr']:.2e} | grad "
                        f"{grad_norm:.3f} | {rec['tokens_per_s'] / 1e3:.1f}k tok/s{mfu} | eta {eta}")
+    for name, e in (epochs.items() if isinstance(run.loader, data.Mixture) else ()):
+        if int(e) > run.counters.setdefault("epochs_reported", {}).get(name, 0):
+            run.counters["epochs_reported"][name] = int(e)
+            run.log.write({"step": step, "event": "repeat", "source": name, "epoch": int(e) + 1},
+                          f"step {step:>6} | source {name} starts epoch {int(e) + 1}: its data repeats (up to about 4 "
+                          "epochs is worth nearly as much as new data, Muennighoff et al. 2023; past that, less)")
 
 
 def validate(run):
-    """Validation loss and bits per byte on the same val_batches windows every time."""
-    if not run.val_loader:
+    """Validation loss and bits per byte on the same val_batches windows every time, per
+    source of a mixture (val_loss/NAME) and their mean (val_loss)."""
+    if not run.val_loaders:
         return
-    run.val_loader.load_state_dict({**run.val_loader.state_dict(), "epoch": 0, "pos": 0})
-    loss, bpb = evaluation.loss_and_bpb(
-        lambda x, y: parallel.forward_backward(run.model, run.grid, run.dp, [(x, y)], run.cfg.parallel,
-                                               run.autocast, backward=False),
-        run.val_loader, run.cfg.eval.val_batches, run.token_bytes, run.grid.groups.get("dp"))
-    run.log.write({"step": run.step, "val_loss": loss, "val_bpb": bpb},
-                  f"step {run.step:>6} | val loss {loss:.4f} | val bpb {bpb:.4f}")
+    rec, parts = {"step": run.step}, []
+    for name, loader in run.val_loaders.items():
+        loader.load_state_dict({**loader.state_dict(), "epoch": 0, "pos": 0})
+        loss, bpb = evaluation.loss_and_bpb(
+            lambda x, y: parallel.forward_backward(run.model, run.grid, run.dp, [(x, y)], run.cfg.parallel,
+                                                   run.autocast, backward=False, bos=run.bos),
+            loader, run.cfg.eval.val_batches, run.token_bytes, run.grid.groups.get("dp"))
+        rec.update({f"val_loss/{name}": loss, f"val_bpb/{name}": bpb} if name else {})
+        parts.append((name, loss, bpb))
+    rec.update(val_loss=statistics.fmean(p[1] for p in parts), val_bpb=statistics.fmean(p[2] for p in parts))
+    run.log.write(rec, f"step {run.step:>6} | val loss {rec['val_loss']:.4f} | val bpb {rec['val_bpb']:.4f}"
+                  + "".join(f" | {n} {loss:.4f}" for n, loss, _ in parts if n))
 
 
 def benchmark(run):
@@ -549,7 +571,7 @@ def write_report(cfg, n_params):
         records = [json.loads(line) for line in f]
     train_recs = [r for r in records if "loss" in r and "event" not in r]
     val_recs = [r for r in records if "val_loss" in r]
-    stats_path = os.path.join(os.path.dirname(data.find_shards(cfg.data.train)[0]), "stats.json")
+    stats_path = os.path.join(os.path.dirname(data.tokenizer_path(cfg.data.train)), "stats.json")
     lines = ["# Run report", "", f"Run directory `{cfg.log.dir}`, {time.strftime('%Y-%m-%d %H:%M')}.", ""]
     if os.path.exists(stats_path):
         with open(stats_path) as f:
@@ -567,9 +589,13 @@ def write_report(cfg, n_params):
               f"({last['tokens'] / last['elapsed_s'] / 1e3:.1f}k tokens/s)",
               f"- train loss {train_recs[0]['loss']:.3f} (step {train_recs[0]['step']}) -> "
               f"{last['loss']:.3f} (step {last['step']})"]
+    if any(k.startswith("epochs/") for k in last):
+        lines.append("- mixture: " + ", ".join(f"{k[7:]} {last['tokens/' + k[7:]]:,} tokens ({v:.2f} epochs)"
+                                               for k, v in last.items() if k.startswith("epochs/")))
     if val_recs:
         lines.append(f"- validation: loss {val_recs[-1]['val_loss']:.3f}, "
-                     f"{val_recs[-1]['val_bpb']:.3f} bits per byte")
+                     f"{val_recs[-1]['val_bpb']:.3f} bits per byte" + "".join(
+                         f"; {k[9:]} {v:.3f}" for k, v in val_recs[-1].items() if k.startswith("val_loss/")))
     with open(os.path.join(cfg.log.dir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

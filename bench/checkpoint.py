@@ -85,7 +85,8 @@ def stage(args, rank):
     named = [(parallel.canonical(n, grid), p) for n, p in model.named_parameters()]
     optimizer = torch.optim.AdamW([p for _, p in named])
     for _, p in named:
-        optimizer.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        optimizer.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(p),
+                              "exp_avg_sq": torch.zeros_like(p)}
     return cfg, grid, model, named, optimizer
 
 
@@ -159,8 +160,8 @@ def scale(args):
                                         "--out", out, "--worker", f"{way}-{phase}", str(rank)],
                                        capture_output=True, text=True, check=True)
                     rows.append((way, phase, rank, json.loads(r.stdout.strip().splitlines()[-1])))
-                    print(f"| {way} | {phase} | {rank} | {rows[-1][3]['seconds']:.1f} | {rows[-1][3]['peak_gib']:.2f} |",
-                          flush=True)
+                    got = rows[-1][3]
+                    print(f"| {way} | {phase} | {rank} | {got['seconds']:.1f} | {got['peak_gib']:.2f} |", flush=True)
     return rows
 
 

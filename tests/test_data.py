@@ -118,3 +118,45 @@ def test_token_byte_lengths_of_a_sentencepiece_style_vocabulary(tmp_path):
     assert tok.decode(ids) == text
     # The first token's "\u2581" is the space prepended to the text, which stands for no byte of it.
     assert sum(lengths[i] for i in ids) - 1 == len(text.encode())
+
+
+def mixture_sources(tmp_path, weights):
+    """Two sources whose tokens say where they come from: a's are < 5000, b's are >= 5000."""
+    out = {}
+    for name, offset in (("a", 0), ("b", 5000)):
+        d = tmp_path / name
+        d.mkdir()
+        for k in range(2):
+            tokens = (offset + np.arange(k * 4000, (k + 1) * 4000) % 1000).astype(np.uint16)
+            shards.write_shard(str(d / f"train_{k:05d}.bin"), tokens, {"documents": 1, "bytes": 4000})
+        out[name] = {"path": str(d / "train_*.bin"), "weight": weights[name]}
+    return out
+
+
+def test_a_mixture_draws_windows_in_proportion_to_the_weights(tmp_path):
+    """Over 3,200 windows the share of each source matches its weight (chi-square, one degree
+    of freedom, under 3.84: p > 0.05), and two data-parallel ranks read the one-rank batches."""
+    sources = mixture_sources(tmp_path, {"a": 0.3, "b": 0.7})
+    one = data.Mixture(sources, 16, 8, seed=3)
+    batches = [one.next_batch()[0] for _ in range(400)]
+    from_b = sum(int((x[:, 0] >= 5000).sum()) for x in batches)
+    n = 400 * 8
+    chi2 = (from_b - 0.7 * n) ** 2 / (0.7 * n) + ((n - from_b) - 0.3 * n) ** 2 / (0.3 * n)
+    assert chi2 < 3.84, (from_b / n, chi2)
+    assert one.windows == {"a": n - from_b, "b": from_b}
+    ranks = [data.Mixture(sources, 16, 4, rank=r, world=2, seed=3) for r in (0, 1)]
+    for x in batches[:5]:
+        assert torch.equal(torch.cat([r.next_batch()[0] for r in ranks]), x)
+
+
+def test_a_mixture_resumes_with_the_same_next_windows(tmp_path):
+    sources = mixture_sources(tmp_path, {"a": 1.0, "b": 2.0})
+    straight = data.Mixture(sources, 16, 8, seed=0)
+    want = [straight.next_batch()[0] for _ in range(700)]  # far enough that source b repeats
+    first = data.Mixture(sources, 16, 8, seed=0)
+    for _ in range(300):
+        first.next_batch()
+    resumed = data.Mixture(sources, 16, 8, seed=0)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # through state.json
+    assert all(torch.equal(resumed.next_batch()[0], x) for x in want[300:])
+    assert resumed.epochs()["b"] > 1 and straight.epochs() == resumed.epochs()

@@ -37,6 +37,27 @@ def test_model_logits_equal_ours(exported):
         assert (theirs(x).logits - ours(x)).abs().max().item() < 1e-4
 
 
+def test_a_padded_vocabulary_is_exported_without_its_padding(tiny_config):
+    """vocab_multiple pads 512 rows to 640; the export holds the 512 the tokenizer has, and
+    transformers' logits equal ours, which stop at 512 too. Imported back under the padding,
+    the extra rows read as zeros."""
+    import train
+    cfg = tiny_config(optim=dict(steps=2), model=dict(vocab_multiple=640))
+    train.train(cfg)
+    ckpt = checkpoint.step_dirs(os.path.join(cfg.log.dir, "checkpoints"))[-1]
+    out = os.path.join(cfg.log.dir, "hf")
+    checkpoint.main(["export", ckpt, out])
+    _, ours = checkpoint.load_model(ckpt)
+    assert ours.embed.weight.shape[0] == 640
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    assert theirs.config.vocab_size == 512 and theirs.get_input_embeddings().weight.shape[0] == 512
+    x = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert ours(x).shape[-1] == 512 and (theirs(x).logits - ours(x)).abs().max().item() < 1e-4
+    back = checkpoint.build_model(cfg, weights=out)
+    assert torch.equal(back.embed.weight[:512], ours.embed.weight[:512]) and not back.embed.weight[512:].any()
+
+
 def test_tokenizer_encodes_and_decodes_as_ours(exported):
     ckpt, out = exported
     ours = Tokenizer.from_file(os.path.join(ckpt, "tokenizer.json"))

@@ -183,3 +183,21 @@ def test_load_hf_rejects_unsupported_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="config.json: model_type 'gpt2'"):
         checkpoint.load_hf(tmp_path)
+
+
+def test_packed_documents_get_the_logits_they_would_get_alone():
+    """doc_starts from <|bos|> (id 0 here): attention stays in each document and RoPE
+    positions restart, so each document's logits equal its own forward's; without it, the
+    later documents see the earlier ones."""
+    torch.manual_seed(0)
+    m = Transformer(tiny(qk_norm=True))
+    docs = [torch.randint(1, 128, (n,)) for n in (5, 1, 17, 9)]
+    for d in docs:
+        d[0] = 0
+    packed = torch.cat(docs)[None]
+    got = m(packed, doc_starts=model.document_starts(packed, 0))
+    at = 0
+    for d in docs:
+        torch.testing.assert_close(got[0, at:at + len(d)], m(d[None])[0], atol=1e-5, rtol=1e-5)
+        at += len(d)
+    assert not torch.allclose(m(packed)[0, 5:], got[0, 5:], atol=1e-3)

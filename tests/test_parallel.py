@@ -32,9 +32,9 @@ def make_cfg(layout, model=None):
         "optim": dict(lr=1e-2, warmup=1, steps=STEPS, clip=1.0, eps=1e-6)})
 
 
-def global_batches(step, accum=ACCUM):
+def global_batches(step, accum=ACCUM, vocab=MODEL["vocab_size"]):
     g = torch.Generator().manual_seed(100 + step)
-    tokens = torch.randint(0, MODEL["vocab_size"], (accum, MICRO, SEQ + 1), generator=g)
+    tokens = torch.randint(0, vocab, (accum, MICRO, SEQ + 1), generator=g)
     return [(t[:, :-1], t[:, 1:]) for t in tokens]
 
 
@@ -52,8 +52,8 @@ def run_steps(cfg, grid=None):
         for group in opt.param_groups:
             group["lr"] = train.lr_at(step, cfg.optim)
         batches = [(x[grid.dp_rank * mb:(grid.dp_rank + 1) * mb], y[grid.dp_rank * mb:(grid.dp_rank + 1) * mb])
-                   for x, y in global_batches(step, cfg.data.grad_accum)]
-        loss = parallel.forward_backward(model, grid, dp, batches, cfg.parallel)
+                   for x, y in global_batches(step, cfg.data.grad_accum, cfg.model.vocab_size)]
+        loss = parallel.forward_backward(model, grid, dp, batches, cfg.parallel, bos=0 if cfg.data.doc_mask else None)
         if step == 0:
             out["grads"] = full_tensors(full_grads(model, dp), grid)
         out["losses"].append(loss.item())
@@ -353,3 +353,29 @@ def test_compile_traces_each_stage_under_every_layout(layout, reference):
     losses, captured = spawn(2, _compiled_steps, cfg)
     assert captured > 0
     assert max(abs(a - b) for a, b in zip(losses, reference["untied"]["losses"])) < 1e-4
+
+
+def test_a_padded_vocabulary_under_tp2_equals_the_unpadded_model():
+    """62 tokens do not split over tp2; padded to 64 rows (vocab_multiple) they do. The padded
+    rows start at zero and are never predicted: losses, gradients and parameters equal the
+    unpadded single-process model's, and the padded rows stay zero."""
+    want = run_steps(make_cfg({}, dict(vocab_size=62)))
+    got = spawn(2, run_steps, make_cfg(dict(tp=2), dict(vocab_size=62, vocab_multiple=64)))
+    assert max(abs(a - b) for a, b in zip(got["losses"], want["losses"])) < 1e-5
+    for key in ("grads", "params"):
+        for n, w in want[key].items():
+            assert (got[key][n][:len(w)] - w).abs().max() < 1e-4, (key, n)
+    assert not got["params"]["embed.weight"][62:].any() and not got["params"]["lm_head.weight"][62:].any()
+
+
+@pytest.mark.parametrize("layout", [dict(pp=2), dict(tp=2, sequence_parallel=True), dict(dp=2, zero=3)])
+def test_packed_documents_under_a_layout_equal_one_process(layout):
+    """data.doc_mask (documents start at token 0, which random tokens hold often): the pipeline
+    passes each micro-batch's document starts along, tp and ZeRO-3 see whole sequences."""
+    def cfg_of(layout):
+        cfg = make_cfg(layout)
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, doc_mask=True))
+    want, got = run_steps(cfg_of({})), spawn(2, run_steps, cfg_of(layout))
+    assert max(abs(a - b) for a, b in zip(got["losses"], want["losses"])) < 1e-5
+    for n, g in want["grads"].items():
+        assert (got["grads"][n] - g).abs().max() < 1e-4, n

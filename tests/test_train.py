@@ -112,7 +112,8 @@ def test_build_model_draws_the_whole_models_weights(tiny_config, tied):
     got = checkpoint.build_model(cfg, torch.device("cpu"))
     want = Transformer(cfg.model)
     for name, p in want.named_parameters():
-        init_parameter(name, p, cfg.model, torch.Generator().manual_seed(zlib.crc32(f"{cfg.data.seed}:{name}".encode())))
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{cfg.data.seed}:{name}".encode()))
+        init_parameter(name, p, cfg.model, generator)
     assert (got.lm_head.weight is got.embed.weight) == tied
     got_state, got_buffers = got.state_dict(), dict(got.named_buffers())
     assert got_state.keys() == want.state_dict().keys()
@@ -351,3 +352,80 @@ def test_init_from_a_transformers_checkpoint_under_tp2_equals_one_process(tiny_c
     capsys.readouterr()
     err = main_error(capsys, "--config", saved(tmp_path, wider))
     assert f"{tmp_path / 'hf'} holds another model: model.d_model is 64 there, 128 here" in err
+
+
+# ----------------------------------------------------------------------------------------
+# Data mixtures and packed documents
+
+def small_source(src, dst, tokens):
+    """A copy of the first shards of src cut to `tokens` tokens: a source that soon repeats."""
+    import numpy as np
+
+    import data
+    os.makedirs(dst)
+    for split in ("train", "val"):
+        path = data.find_shards(str(src / f"{split}_*.bin"))[0]
+        meta = json.load(open(path[:-4] + ".json"))
+        n = min(tokens, meta["tokens"])
+        np.fromfile(path, dtype=meta["dtype"], count=n).tofile(os.path.join(dst, f"{split}_00000_00000.bin"))
+        json.dump({**meta, "tokens": n}, open(os.path.join(dst, f"{split}_00000_00000.json"), "w"))
+    shutil.copy(src / "tokenizer.json", dst)
+
+
+def test_a_mixture_logs_tokens_epochs_and_validation_per_source(tiny_config, tokens_dir, tmp_path):
+    import data
+    import eval as evaluation
+    small_source(tokens_dir, tmp_path / "small", 2000)
+    table = lambda split: {"big": {"path": str(tokens_dir / f"{split}_*.bin"), "weight": 1.0},  # noqa: E731
+                           "small": {"path": str(tmp_path / f"small/{split}_*.bin"), "weight": 3.0}}
+    cfg = tiny_config(data=dict(train=table("train"), val=table("val")), optim=dict(steps=30),
+                      eval=dict(val_every=0, val_batches=2))
+    train.train(cfg)
+    records = [json.loads(line) for line in open(os.path.join(cfg.log.dir, "metrics.jsonl"))]
+    last = [r for r in records if r.get("step") == 30 and "loss" in r and "event" not in r][0]
+    assert last["tokens/big"] + last["tokens/small"] == 30 * 4 * 32 and last["tokens/small"] > last["tokens/big"]
+    assert last["epochs/small"] > 1 and [r["source"] for r in records if r.get("event") == "repeat"] == ["small"]
+    val = [r for r in records if "val_loss/small" in r][-1]
+    _, model = checkpoint.load_model(checkpoint.step_dirs(os.path.join(cfg.log.dir, "checkpoints"))[-1])
+    token_bytes = torch.tensor(data.token_byte_lengths(str(tokens_dir / "tokenizer.json")))
+    for name, source in table("val").items():  # each source validated alone, outside train.py
+        loader = data.Loader(source["path"], 32, 4, shuffle=False)
+        loss, bpb = evaluation.loss_and_bpb(model, loader, 2, token_bytes)
+        assert abs(val[f"val_loss/{name}"] - loss) < 1e-5 and abs(val[f"val_bpb/{name}"] - bpb) < 1e-5
+    assert abs(val["val_loss"] - (val["val_loss/big"] + val["val_loss/small"]) / 2) < 1e-9
+    assert "small" in open(os.path.join(cfg.log.dir, "report.md")).read()
+
+
+def test_a_source_of_another_tokenizer_is_named(tiny_config, tokens_dir, tmp_path, capsys):
+    small_source(tokens_dir, tmp_path / "other", 2000)
+    sidecar = tmp_path / "other" / "train_00000_00000.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "tokenizer_sha256": "1" * 64}))
+    table = {"a": {"path": str(tokens_dir / "train_*.bin"), "weight": 1.0},
+             "b": {"path": str(tmp_path / "other/train_*.bin"), "weight": 1.0}}
+    err = main_error(capsys, "--config", saved(tmp_path, tiny_config(data=dict(train=table))))
+    assert "data.train.b: " in err and "tokenizer_sha256" in err
+
+
+def test_packed_documents_train_with_the_loss_of_the_masked_model(tiny_config, tokens_dir, tmp_path):
+    """data.doc_mask: the first loss is the fresh model's on the first batch with attention
+    cut at each <|bos|> of the shards (their sidecar's bos_id), here every few tokens."""
+    import numpy as np
+
+    import data
+    from model import document_starts
+    from prep import shards
+    meta = data.read_sidecar(data.find_shards(str(tokens_dir / "train_*.bin"))[0])
+    tokens = np.random.default_rng(0).integers(7, 512, 20_000).astype(np.uint16)
+    tokens[::np.random.default_rng(1).integers(3, 15)] = meta["bos_id"]  # documents of a few tokens
+    keep = {k: meta[k] for k in ("vocab_size", "bos_id", "tokenizer_sha256")}
+    shards.write_shard(str(tmp_path / "train_00000.bin"), tokens, {"documents": 1, "bytes": 1, **keep})
+    shutil.copy(tokens_dir / "tokenizer.json", tmp_path)
+    cfg = tiny_config(data=dict(train=str(tmp_path / "train_*.bin"), doc_mask=True), optim=dict(steps=1))
+    train.train(cfg)
+    d = cfg.data
+    x, y = data.Loader(d.train, d.seq_len, d.micro_batch, seed=d.seed).next_batch()
+    model = checkpoint.build_model(cfg)
+    with torch.no_grad():
+        want = model(x, y, doc_starts=document_starts(x, meta["bos_id"])).item()
+        plain = model(x, y).item()
+    assert abs(losses(cfg.log.dir)[1] - want) < 1e-6 and abs(want - plain) > 1e-4
