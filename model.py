@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import kernels
+import fused
 
 
 @dataclass
@@ -68,7 +68,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return kernels.rms_norm(x, self.weight, self.eps)
+        return fused.rms_norm(x, self.weight, self.eps)
 
 
 def rope_tables(head_dim, max_seq_len, theta):
@@ -90,6 +90,24 @@ def apply_rope(x, cos, sin):
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+class KVCache(nn.Module):
+    """One attention layer's keys and values during generation, preallocated (gpt-fast's):
+    update writes this step's at their positions in place and returns the whole buffers, so
+    every decode step has the same shapes, which torch.compile and CUDA graphs need."""
+
+    def __init__(self, batch, n_kv_heads, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos, k, v):
+        """pos (S,): the cache positions of k and v (B, Hkv, S, D)."""
+        self.k_cache[:, :, pos] = k
+        self.v_cache[:, :, pos] = v
+        return self.k_cache, self.v_cache
+
+
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -102,9 +120,10 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         # The one place attention is computed; context parallelism swaps in ring attention.
-        self.attn_fn = kernels.attention
+        self.attn_fn = fused.attention
+        self.cache = None  # a KVCache while generating (infer.py)
 
-    def forward(self, x, cos, sin, doc_starts=None):
+    def forward(self, x, cos, sin, doc_starts=None, pos=None):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # Shapes come from the projections, not from x: under tensor parallelism a rank holds
         # fewer heads (-1 below), and under sequence parallelism x holds a slice of the
@@ -116,7 +135,16 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = self.attn_fn(q, k, v, causal=True, doc_starts=doc_starts)      # (B, Hq, S, D)
+        if self.cache is None:
+            y = self.attn_fn(q, k, v, causal=True, doc_starts=doc_starts)  # (B, Hq, S, D)
+        else:  # generation: the queries at pos see every key written up to theirs, in their row's text
+            k, v = self.cache.update(pos, k, v)                            # (B, Hkv, T, D)
+            keys = torch.arange(k.shape[2], device=k.device)
+            mask = keys <= pos[:, None]                                    # (S, T)
+            if doc_starts is not None:  # a left-padding position sees itself: no row of NaN to spread
+                mask = (mask & (keys >= torch.minimum(doc_starts, pos)[..., None]))[:, None]  # (B, 1, S, T)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                               enable_gqa=q.shape[1] != k.shape[1])
         return self.o_proj(y.transpose(1, 2).reshape(B, S, -1))            # (B, S, d_model)
 
 
@@ -130,7 +158,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x):
-        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(fused.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -141,8 +169,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, doc_starts=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, doc_starts)
+    def forward(self, x, cos, sin, doc_starts=None, pos=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, doc_starts, pos)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -177,9 +205,9 @@ class LMHead(nn.Linear):
         if targets is None:
             return F.linear(h, weight)                                     # (B, S, vocab)
         h, targets = h.flatten(0, 1), targets.flatten()                   # (B*S, d_model), (B*S,)
-        if kernels.use_triton(h):
-            return kernels.linear_cross_entropy(h, weight, targets, ignore_index)
-        return kernels.cross_entropy(F.linear(h, weight), targets, ignore_index)
+        if fused.use_triton(h):
+            return fused.linear_cross_entropy(h, weight, targets, ignore_index)
+        return fused.cross_entropy(F.linear(h, weight), targets, ignore_index)
 
 
 def document_starts(ids, bos_id):
@@ -239,18 +267,17 @@ class Transformer(nn.Module):
                 raise ValueError(f"sequence of {x.shape[1]} tokens is longer than "
                                  f"model.max_seq_len={self.cfg.max_seq_len}")
             pos = torch.arange(x.shape[1], device=x.device)
-        if doc_starts is not None:
-            pos = pos - doc_starts                                         # (B, S)
-        cos, sin = self.rope_cos[pos], self.rope_sin[pos]                  # (S or B, S, head_dim)
-        if pos.dim() == 2:
+        rope_pos = pos - doc_starts if doc_starts is not None else pos     # (B, S) or (S,)
+        cos, sin = self.rope_cos[rope_pos], self.rope_sin[rope_pos]        # (S or B, S, head_dim)
+        if rope_pos.dim() == 2:
             cos, sin = cos[:, None], sin[:, None]                          # (B, 1, S, head_dim)
         h = self.embed(x) if self.embed is not None else x                 # (B, S, d_model)
         layers = self.layers.values() if isinstance(self.layers, nn.ModuleDict) else self.layers
         for layer in layers:
             if self.recompute and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, doc_starts, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, doc_starts, pos, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, doc_starts)
+                h = layer(h, cos, sin, doc_starts, pos)
         if self.lm_head is None:
             return h
         return self.lm_head(self.norm(h), targets, ignore_index)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import fused
 from model import document_starts
 
 VERBOSE = os.environ.get("PARALLEL_VERBOSE") == "1"  # print pipeline transfers and bucket launches
@@ -269,7 +269,7 @@ class NormIntoTP(nn.Module):
         self.weight, self.eps, self.grid = norm.weight, norm.eps, grid
 
     def forward(self, x):
-        return enter_tp(kernels.rms_norm(x, self.weight, self.eps), self.grid)
+        return enter_tp(fused.rms_norm(x, self.weight, self.eps), self.grid)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -435,7 +435,7 @@ class RingAttention(torch.autograd.Function):
                 kv_next, reqs = _ring_pass(kv, grid)
             for i, j, diagonal in _ring_blocks(grid, step, causal):
                 qs, ks = slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c)
-                o, o_lse = kernels.attention_with_lse(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], diagonal, scale)
+                o, o_lse = fused.attention_with_lse(q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], diagonal, scale)
                 new = torch.logaddexp(lse[:, :, qs], o_lse)   # merge by log-sum-exp
                 out[:, :, qs] = (out[:, :, qs] * (lse[:, :, qs] - new).exp()[..., None]
                                  + o * (o_lse - new).exp()[..., None])
@@ -463,7 +463,7 @@ class RingAttention(torch.autograd.Function):
             for i, j, diagonal in _ring_blocks(grid, step, ctx.causal):
                 qs, ks = slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c)
                 # FlashAttention-2's backward of one block, with the whole rows' lse and delta.
-                dq_b, dk_b, dv_b = kernels.attention_block_backward(
+                dq_b, dk_b, dv_b = fused.attention_block_backward(
                     q[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], dout[:, :, qs], lse[:, :, qs], delta[:, :, qs],
                     diagonal, ctx.scale)
                 dq[:, :, qs] += dq_b
@@ -480,7 +480,7 @@ class RingAttention(torch.autograd.Function):
 
 
 def ring_attention(q, k, v, causal=True, scale=None, doc_starts=None, grid=None):
-    """kernels.attention's signature over the cp group; q, k, v hold this rank's two chunks.
+    """fused.attention's signature over the cp group; q, k, v hold this rank's two chunks.
     Packed documents are refused at start (check_layout): doc_starts is always None here."""
     return RingAttention.apply(q, k, v, scale or q.shape[-1] ** -0.5, causal, grid)
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import checkpoint
 import data
 import eval as evaluation
-import kernels
+import fused
 import parallel
 from config import Config, ConfigError, OptimConfig, TrainConfig, load_config, to_toml
 from model import Transformer
@@ -301,7 +301,7 @@ def setup_device(cfg, local_rank):
     device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
     bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-    kernels.set_backend(t.kernels)
+    fused.set_backend(t.kernels)
     return device, autocast
 
 

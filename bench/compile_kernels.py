@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of kernels.py for a GPU, on a machine that has none, and print
+"""Compile every Triton kernel of fused.py for a GPU, on a machine that has none, and print
 for each autotune config what the compiled code holds: registers per thread, the stack frame
 (register spills live there), shared memory, and which matrix instructions the dots became.
 
@@ -8,7 +8,7 @@ for each autotune config what the compiled code holds: registers per thread, the
 The interpreter runs a kernel's Python, not its GPU code, so a kernel that passes every test
 under TRITON_INTERPRET=1 can still fail to compile (an operation with no instruction for that
 dtype, a tile tl.dot cannot take) or fail to launch (more shared memory than the SM has). This
-script finds out on a CPU: it runs kernels.py's public ops on small CPU tensors with every
+script finds out on a CPU: it runs fused.py's public ops on small CPU tensors with every
 kernel replaced by a recorder of its launches, then compiles each recorded launch for the
 target with each of the kernel's autotune configs, as the autotuner would on that GPU.
 Registers and spills decide occupancy and speed there, so they are what to read before tuning.
@@ -37,7 +37,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-import kernels  # noqa: E402
+import fused  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Shared memory one block may use, bytes (CUDA programming guide, compute capabilities table).
@@ -56,31 +56,35 @@ class Recorder:
 
 def record_launches(dtype, head_dims):
     """{kernel name: (kernel, [(args, kwargs), ...])} from one forward and backward of each op."""
-    recorders = {name: Recorder(obj) for name, obj in vars(kernels).items()
+    recorders = {name: Recorder(obj) for name, obj in vars(fused).items()
                  if isinstance(obj, (JITFunction, Autotuner))}
-    saved_use_triton = kernels.use_triton
+    saved_use_triton = fused.use_triton
     for name, rec in recorders.items():
-        setattr(kernels, name, rec)
-    kernels.use_triton = lambda x: True   # CPU tensors down the Triton path; nothing is launched
+        setattr(fused, name, rec)
+    fused.use_triton = lambda x: True   # CPU tensors down the Triton path; nothing is launched
     try:
         def backward(out, *inputs):
             torch.autograd.grad(out, inputs, torch.ones_like(out), allow_unused=True)
 
         for D in head_dims:
             q, k, v = (torch.randn(1, h, 256, D, dtype=dtype, requires_grad=True) for h in (4, 2, 2))
-            backward(kernels.attention(q, k, v, causal=True), q, k, v)
+            backward(fused.attention(q, k, v, causal=True), q, k, v)
             lse, delta = torch.zeros(1, 4, 256), torch.zeros(1, 4, 256)
-            kernels.attention_block_backward(q, k, v, q, lse, delta, causal=False)   # ring attention's block
+            fused.attention_block_backward(q, k, v, q, lse, delta, causal=False)   # ring attention's block
         x, w = torch.randn(64, 4096, dtype=dtype, requires_grad=True), torch.ones(4096, dtype=dtype, requires_grad=True)
-        backward(kernels.rms_norm(x, w, 1e-5), x, w)
+        backward(fused.rms_norm(x, w, 1e-5), x, w)
         gate, up = (torch.randn(64, 14336, dtype=dtype, requires_grad=True) for _ in range(2))
-        backward(kernels.swiglu(gate, up), gate, up)
+        backward(fused.swiglu(gate, up), gate, up)
         logits, targets = torch.randn(64, 128256, dtype=dtype, requires_grad=True), torch.zeros(64, dtype=torch.long)
-        backward(kernels.cross_entropy(logits, targets), logits)
+        backward(fused.cross_entropy(logits, targets), logits)
+        x = torch.randn(1, 4096, dtype=dtype)   # one decode token through weight-only quantized linears
+        fused.int8_linear(x, torch.zeros(4096, 4096, dtype=torch.int8), torch.ones(4096))
+        scales, zeros = torch.ones(4096, 32), torch.zeros(4096, 32)   # group size 128, the default
+        fused.int4_linear(x, torch.zeros(4096, 2048, dtype=torch.uint8), scales, zeros, 128)
     finally:
         for name, rec in recorders.items():
-            setattr(kernels, name, rec.kernel)
-        kernels.use_triton = saved_use_triton
+            setattr(fused, name, rec.kernel)
+        fused.use_triton = saved_use_triton
     return {name: (rec.kernel, rec.launches) for name, rec in recorders.items() if rec.launches}
 
 
@@ -125,8 +129,8 @@ def configs_of(kernel, first_only):
 
 def describe(meta):
     """(blocks, warps, stages, the other constexprs) of one launch's keyword arguments."""
-    blocks = "x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK") if k in meta)
-    fixed = ",".join(f"{k}={meta[k]}" for k in ("HEAD_DIM", "CAUSAL", "BLOCK_V") if k in meta)
+    blocks = "x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK") if k in meta)
+    fixed = ",".join(f"{k}={meta[k]}" for k in ("HEAD_DIM", "CAUSAL", "BLOCK_V", "INT4") if k in meta)
     return blocks, meta.get("num_warps", 4), meta.get("num_stages", 3), fixed
 
 

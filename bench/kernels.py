@@ -1,4 +1,4 @@
-"""Speed of kernels.py's Triton kernels against torch, on a CUDA GPU; prints markdown tables.
+"""Speed of fused.py's Triton kernels against torch, on a CUDA GPU; prints markdown tables.
 
     python bench/kernels.py                          # attention and the row-wise ops, bf16
     python bench/kernels.py --only attention --head-dims 128 --seqs 4096,8192
@@ -6,7 +6,7 @@
 
 Attention, at a fixed 16k tokens per batch and hidden size 2048 (B = 16k / S, H = 2048 / D:
 the FlashAttention-2 paper's setting), S from 512 to 16k, head dim 64 and 128, causal and not:
-    ours   kernels.attention (Triton, FlashAttention-2)
+    ours   fused.attention (Triton, FlashAttention-2)
     sdpa   torch's scaled_dot_product_attention pinned to one backend, named in the table
     eager  softmax(q k^T * scale) v in plain torch (it materialises S x S: OOM is reported)
 TFLOP/s counts 4 * B * H * S^2 * D per forward (halved when causal) and 2.5x that for the
@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede kernels.py's import of triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede fused.py's import of triton
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kernels  # noqa: E402
+import fused  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # HBM bandwidth, TB/s, from the vendors' datasheets, for the "% of peak" column.
@@ -99,7 +99,7 @@ def attention_errors(q, k, v, dout, causal, sdpa):
     def outputs(f):
         out = f(q, k, v, causal)
         return [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
-    want, got = outputs(sdpa), outputs(kernels.attention)
+    want, got = outputs(sdpa), outputs(fused.attention)
     return {("ours", "fwd"): (got[0] - want[0]).abs().max().item(),
             ("ours", "fwd+bwd"): max((g - w).abs().max().item() for g, w in zip(got[1:], want[1:]))}
 
@@ -117,7 +117,7 @@ def attention_table(seqs, head_dims, dtype, tokens, hidden):
                 dout = torch.randn_like(q)
                 fwd_flops = 4 * B * H * S * S * D / (2 if causal else 1)
                 sdpa, sdpa_name = pinned_sdpa(q, k, v, causal)
-                impls = {"ours": kernels.attention, f"sdpa ({sdpa_name})": sdpa, "eager": eager_attention}
+                impls = {"ours": fused.attention, f"sdpa ({sdpa_name})": sdpa, "eager": eager_attention}
                 errs = attention_errors(q, k, v, dout, causal, sdpa)
                 for name, f in impls.items():
                     for mode, flops, grad in (("fwd", fwd_flops, None), ("fwd+bwd", 3.5 * fwd_flops, dout)):
@@ -154,12 +154,12 @@ def rowwise_cases(dtype, tokens, d_model, d_ff, vocab):
 
     return [
         # RMSNorm: x in, y out; backward reads x and dy, writes dx (the weight is negligible).
-        ("rms_norm", rms_inputs, lambda x, w: kernels.rms_norm(x, w, 1e-5),
-         lambda x, w: kernels.rms_norm_ref(x, w, 1e-5), 2 * N * d_model * e, 5 * N * d_model * e),
+        ("rms_norm", rms_inputs, lambda x, w: fused.rms_norm(x, w, 1e-5),
+         lambda x, w: fused.rms_norm_ref(x, w, 1e-5), 2 * N * d_model * e, 5 * N * d_model * e),
         # SwiGLU: gate and up in, out out; backward reads gate, up, dout and writes two grads.
-        ("swiglu", swiglu_inputs, kernels.swiglu, kernels.swiglu_ref, 3 * N * d_ff * e, 8 * N * d_ff * e),
+        ("swiglu", swiglu_inputs, fused.swiglu, fused.swiglu_ref, 3 * N * d_ff * e, 8 * N * d_ff * e),
         # Cross-entropy: the logits read once; backward reads them again and writes their grad.
-        ("cross_entropy", ce_inputs, kernels.cross_entropy, kernels.cross_entropy_ref,
+        ("cross_entropy", ce_inputs, fused.cross_entropy, fused.cross_entropy_ref,
          N // 2 * vocab * e, 3 * N // 2 * vocab * e),
     ]
 
@@ -186,7 +186,7 @@ def rowwise_table(dtype, tokens, d_model, d_ff, vocab, peak_tbps):
 
 def smoke():
     """Each kernel once, forward and backward, on tiny shapes under the interpreter."""
-    kernels.set_backend("triton")
+    fused.set_backend("triton")
     torch.manual_seed(0)
 
     def check(name, ours, ref, *inputs):
@@ -203,14 +203,14 @@ def smoke():
     q, k = torch.randn(1, 4, 33, 64), torch.randn(1, 2, 33, 64)
     t = torch.randint(0, 300, (40,))
     t[::5] = -100
-    ok = [check("attention (GQA, causal)", kernels.attention, kernels.attention_ref, q, k, k.flip(2)),
-          check("rms_norm", lambda x, w: kernels.rms_norm(x, w, 1e-5), lambda x, w: kernels.rms_norm_ref(x, w, 1e-5),
+    ok = [check("attention (GQA, causal)", fused.attention, fused.attention_ref, q, k, k.flip(2)),
+          check("rms_norm", lambda x, w: fused.rms_norm(x, w, 1e-5), lambda x, w: fused.rms_norm_ref(x, w, 1e-5),
                 torch.randn(2, 17, 96), torch.rand(96) + 0.5),
-          check("swiglu", kernels.swiglu, kernels.swiglu_ref, torch.randn(3, 100), torch.randn(3, 100)),
-          check("cross_entropy (+z)", lambda x: kernels.cross_entropy(x, t, z_loss=1e-3),
-                lambda x: kernels.cross_entropy_ref(x, t, z_loss=1e-3), torch.randn(40, 300)),
-          check("linear_cross_entropy", lambda h, w: kernels.linear_cross_entropy(h, w, t, chunk=16),
-                lambda h, w: kernels.linear_cross_entropy_ref(h, w, t), torch.randn(40, 32), torch.randn(300, 32))]
+          check("swiglu", fused.swiglu, fused.swiglu_ref, torch.randn(3, 100), torch.randn(3, 100)),
+          check("cross_entropy (+z)", lambda x: fused.cross_entropy(x, t, z_loss=1e-3),
+                lambda x: fused.cross_entropy_ref(x, t, z_loss=1e-3), torch.randn(40, 300)),
+          check("linear_cross_entropy", lambda h, w: fused.linear_cross_entropy(h, w, t, chunk=16),
+                lambda h, w: fused.linear_cross_entropy_ref(h, w, t), torch.randn(40, 32), torch.randn(300, 32))]
     return all(ok)
 
 
@@ -232,7 +232,7 @@ def main():
         sys.exit(0 if smoke() else 1)
 
     import triton
-    kernels.set_backend("triton")
+    fused.set_backend("triton")
     dtype, name = DTYPES[args.dtype], torch.cuda.get_device_name()
     peak = next((tbps for key, tbps in HBM_TBPS.items() if key in name), None)
     print(f"{datetime.date.today()}, {name}, {args.dtype}, torch {torch.__version__}, triton {triton.__version__}\n")

@@ -26,6 +26,18 @@ CHAT_TEMPLATE = (
     "{{ raise_exception('unknown chat role ' ~ m['role'] ~ ': use system, user or assistant') }}{% endif %}"
     "{{ '<|' ~ m['role'] ~ '|>' ~ m['content'] ~ '<|end|>' }}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def chat_text(messages, add_generation_prompt=True):
+    """CHAT_TEMPLATE rendered in Python (the same text as transformers' apply_chat_template on an
+    export): messages [{"role": ..., "content": ...}] -> the text to encode, ending with
+    <|assistant|> so the model writes the next turn. A ValueError names a bad message."""
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}]: want {{'role': one of {', '.join(CHAT_ROLES)}, 'content': text}}")
+    turns = "".join(f"<|{m['role']}|>{m['content']}<|end|>" for m in messages)
+    return BOS + turns + ("<|assistant|>" if add_generation_prompt else "")
 
 # The GPT-4 (cl100k) pre-tokenisation pattern with \p{N} alone instead of \p{N}{1,3}:
 # words with their leading space, single digits, punctuation runs, newlines, whitespace.

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 import checkpoint
-from prep.tokenizer import SPECIAL_TOKENS
+from prep.tokenizer import SPECIAL_TOKENS, chat_text
 
 transformers = pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,6 +79,10 @@ def test_chat_template_renders_the_role_tokens(exported):
     text = theirs.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     assert text == "<|bos|><|system|>Be brief.<|end|><|user|>hi<|end|><|assistant|>"
     assert theirs.apply_chat_template(chat, tokenize=False).endswith("hi<|end|>")
+    # the Python rendering infer.py and align.py use is the same text, with and without the prompt
+    assert chat_text(chat) == text
+    reply = chat + [{"role": "assistant", "content": "Hello."}]
+    assert chat_text(reply, add_generation_prompt=False) == theirs.apply_chat_template(reply, tokenize=False)
 
 
 def test_generation_config_stops_at_end_and_eos(exported):

@@ -1,7 +1,7 @@
 """Triton kernels against their torch references, forward and input gradients, on odd shapes.
 
 On a CPU the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set in
-conftest.py). It is slow, so shapes are small, and kernels.py picks 16- and 32-wide blocks
+conftest.py). It is slow, so shapes are small, and fused.py picks 16- and 32-wide blocks
 under it: a sequence of 130 spans several blocks and ends mid-block, as on a GPU.
 
 Two limits of the interpreter (Triton 3.x) shape the bf16 checks:
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
-import kernels  # noqa: E402
+import fused  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -32,7 +32,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def emulate_bf16_dot():
     """Teach the interpreter bf16 tl.dot (see the module docstring). True when bf16 dots
     can run: on a GPU always; under the interpreter when its builder has the expected shape."""
-    if not kernels.INTERPRET:
+    if not fused.INTERPRET:
         return True
     try:
         import numpy as np
@@ -64,9 +64,9 @@ TOL = {f32: dict(atol=2e-5, rtol=2e-5), f16: dict(atol=1e-2, rtol=1e-2), bf16: d
 
 @pytest.fixture(autouse=True)
 def triton_backend():
-    kernels.set_backend("triton")
+    fused.set_backend("triton")
     yield
-    kernels.set_backend("auto")
+    fused.set_backend("auto")
 
 
 def leaves(*shapes, dtype=f32, scale=1.0):
@@ -95,7 +95,7 @@ def grads(out, inputs, grad_out):
 
 def scaled_scores(q, k, causal, scale):
     """q k^T * scale with K heads repeated for GQA and the future masked: written here,
-    independently of kernels.py, for the log-sum-exp check."""
+    independently of fused.py, for the log-sum-exp check."""
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     s = q @ k.transpose(-1, -2) * scale
     if causal:
@@ -146,7 +146,7 @@ def test_packed_documents_attend_each_alone(dtype):
     B, H, HKV, S, D = 2, 4, 2, 70, 32
     q, k, v = leaves((B, H, S, D), (B, HKV, S, D), (B, HKV, S, D), dtype=dtype)
     bounds = [[0, 1, 2, 26], [0, 17, 33, 50]]
-    out = kernels.attention(q, k, v, doc_starts=packed_starts(B, S, bounds))
+    out = fused.attention(q, k, v, doc_starts=packed_starts(B, S, bounds))
     d_out = torch.randn_like(out)
     got = grads(out, (q, k, v), d_out)
     q64, k64, v64 = as_f64(q, k, v)
@@ -154,7 +154,7 @@ def test_packed_documents_attend_each_alone(dtype):
     for b, row in enumerate(bounds):
         for a, e in zip(row, row[1:] + [S]):
             alone = (t[b:b + 1, :, a:e] for t in (q64, k64, v64))
-            want[b:b + 1, :, a:e] = kernels.attention_ref(*alone)
+            want[b:b + 1, :, a:e] = fused.attention_ref(*alone)
     assert_close(out, want, dtype, "out")
     for name, g, w in zip("qkv", got, grads(want, (q64, k64, v64), d_out.double())):
         assert_close(g, w, dtype, f"d{name}")
@@ -170,13 +170,13 @@ def test_attention_survives_a_row_of_very_negative_scores(causal):
     q = (3 + 0.1 * torch.randn(1, 2, 70, 64, device=DEVICE)).requires_grad_()
     k = (-3 + 0.1 * torch.randn(1, 1, 70, 64, device=DEVICE)).requires_grad_()
     v = torch.randn(1, 1, 70, 64, device=DEVICE).requires_grad_()
-    out = kernels.attention(q, k, v, causal=causal, scale=1.0)
+    out = fused.attention(q, k, v, causal=causal, scale=1.0)
     d_out = torch.randn_like(out)
     got = grads(out, (q, k, v), d_out)
     assert all(torch.isfinite(g).all() for g in got)
     # fp32 scores of -600 are exact to ~1e-4 and dQ's sum over keys cancels: compared loosely.
     q64, k64, v64 = as_f64(q, k, v)
-    want_out = kernels.attention_ref(q64, k64, v64, causal=causal, scale=1.0)
+    want_out = fused.attention_ref(q64, k64, v64, causal=causal, scale=1.0)
     for name, g, w in zip("qkv", got, grads(want_out, (q64, k64, v64), d_out.double())):
         assert_close(g, w, f16, f"d{name}")
 
@@ -185,8 +185,8 @@ def test_attention_survives_a_row_of_very_negative_scores(causal):
 def test_attention_with_other_block_shapes(monkeypatch, fwd_and_dq, dkdv):
     """The GPU configs include BLOCK_N > BLOCK_M and square tiles; the split between masked
     and unmasked blocks must hold for each. Here the interpreter runs them instead of its own."""
-    for kernel, (m, n) in ((kernels._attn_fwd, fwd_and_dq), (kernels._attn_bwd_dq, fwd_and_dq),
-                           (kernels._attn_bwd_dkdv, dkdv)):
+    for kernel, (m, n) in ((fused._attn_fwd, fwd_and_dq), (fused._attn_bwd_dq, fwd_and_dq),
+                           (fused._attn_bwd_dkdv, dkdv)):
         monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": m, "BLOCK_N": n})])
     for causal in (True, False):
         check_attention_with_lse(1, 2, 1, 70, 70, 64, causal, f32)
@@ -197,7 +197,7 @@ def test_attention_autotunes_once_per_power_of_two_of_the_length(monkeypatch):
     that is each new eval batch and each generated length. 33 and 40 share a bucket, 70 does
     not. The interpreter's single config is never cached, so here there are two, pruned
     (prune_configs_by's early_config_prune) to the first, so that nothing is timed."""
-    tuned = (kernels._attn_fwd, kernels._attn_bwd_dkdv, kernels._attn_bwd_dq)
+    tuned = (fused._attn_fwd, fused._attn_bwd_dkdv, fused._attn_bwd_dq)
     for kernel in tuned:
         monkeypatch.setattr(kernel, "configs", kernel.configs * 2)
         monkeypatch.setattr(kernel, "early_config_prune", lambda configs, nargs, **kwargs: configs[:1])
@@ -205,7 +205,7 @@ def test_attention_autotunes_once_per_power_of_two_of_the_length(monkeypatch):
     entries = []
     for S in (33, 40, 70):
         q, k, v = leaves((1, 2, S, 16), (1, 1, S, 16), (1, 1, S, 16))
-        kernels.attention(q, k, v).sum().backward()
+        fused.attention(q, k, v).sum().backward()
         entries.append([len(kernel.cache) for kernel in tuned])
     assert entries == [[1, 1, 1], [1, 1, 1], [2, 2, 2]]
 
@@ -215,7 +215,7 @@ def check_attention_with_lse(B, Hq, Hkv, Sq, Sk, D, causal, dtype):
         pytest.skip("this Triton's interpreter cannot be taught bf16 tl.dot")
     torch.manual_seed(0)
     q, k, v = leaves((B, Hq, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, D), dtype=dtype)
-    out, lse = kernels.attention_with_lse(q, k, v, causal=causal)
+    out, lse = fused.attention_with_lse(q, k, v, causal=causal)
     assert out.shape == q.shape and out.dtype == dtype
     assert lse.shape == (B, Hq, Sq) and lse.dtype == f32
     # Gradients flow in through both outputs, as in ring attention.
@@ -223,7 +223,7 @@ def check_attention_with_lse(B, Hq, Hkv, Sq, Sk, D, causal, dtype):
     got = grads((out, lse), (q, k, v), (d_out, d_lse))
 
     q64, k64, v64 = as_f64(q, k, v)
-    want_out, want_lse = kernels.attention_with_lse_ref(q64, k64, v64, causal=causal)
+    want_out, want_lse = fused.attention_with_lse_ref(q64, k64, v64, causal=causal)
     want = grads((want_out, want_lse), (q64, k64, v64), (d_out.double(), d_lse.double()))
     scale = D ** -0.5
     torch.testing.assert_close(lse.double(), torch.logsumexp(scaled_scores(q64, k64, causal, scale), -1),
@@ -235,14 +235,14 @@ def check_attention_with_lse(B, Hq, Hkv, Sq, Sk, D, causal, dtype):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_matches_sdpa_with_a_softmax_scale(causal):
-    """kernels.attention against its reference, torch's scaled_dot_product_attention."""
+    """fused.attention against its reference, torch's scaled_dot_product_attention."""
     torch.manual_seed(0)
     q, k, v = leaves((3, 4, 17, 64), (3, 2, 17, 64), (3, 2, 17, 64))
-    out = kernels.attention(q, k, v, causal=causal, scale=0.3)
+    out = fused.attention(q, k, v, causal=causal, scale=0.3)
     d_out = torch.randn_like(out)
     got = grads(out, (q, k, v), d_out)
     q64, k64, v64 = as_f64(q, k, v)
-    want_out = kernels.attention_ref(q64, k64, v64, causal=causal, scale=0.3)
+    want_out = fused.attention_ref(q64, k64, v64, causal=causal, scale=0.3)
     assert_close(out, want_out, f32, "out")
     for name, g, w in zip("qkv", got, grads(want_out, (q64, k64, v64), d_out.double())):
         assert_close(g, w, f32, f"d{name}")
@@ -259,23 +259,23 @@ def test_lse_merges_blocks_like_ring_attention():
     half = 17
     q, k, v = leaves((1, 4, 2 * half, 64), (1, 2, 2 * half, 64), (1, 2, 2 * half, 64))
     q2 = q[:, :, half:]
-    o_past, lse_past = kernels.attention_with_lse(q2, k[:, :, :half], v[:, :, :half], causal=False)
-    o_diag, lse_diag = kernels.attention_with_lse(q2, k[:, :, half:], v[:, :, half:], causal=True)
+    o_past, lse_past = fused.attention_with_lse(q2, k[:, :, :half], v[:, :, :half], causal=False)
+    o_diag, lse_diag = fused.attention_with_lse(q2, k[:, :, half:], v[:, :, half:], causal=True)
     lse = torch.logaddexp(lse_past, lse_diag)
     out = (lse_past - lse).exp()[..., None] * o_past + (lse_diag - lse).exp()[..., None] * o_diag
     d_out = torch.randn_like(out)
     got = grads(out, (q, k, v), d_out)
 
     q64, k64, v64 = as_f64(q, k, v)
-    want_out = kernels.attention_ref(q64, k64, v64, causal=True)[:, :, half:]
+    want_out = fused.attention_ref(q64, k64, v64, causal=True)[:, :, half:]
     assert_close(out, want_out, f32, "merged out")
     for name, g, w in zip("qkv", got, grads(want_out, (q64, k64, v64), d_out.double())):
         assert_close(g, w, f32, f"merged d{name}")
 
 
-@pytest.mark.parametrize("block_backward, dtype", [(kernels.attention_block_backward, f32),
-                                                   (kernels.attention_block_backward, bf16),
-                                                   (kernels.attention_block_backward_ref, f32)])
+@pytest.mark.parametrize("block_backward, dtype", [(fused.attention_block_backward, f32),
+                                                   (fused.attention_block_backward, bf16),
+                                                   (fused.attention_block_backward_ref, f32)])
 def test_block_backward_sums_to_the_full_gradient(block_backward, dtype):
     """Ring attention's backward, block by block: given lse and delta = rowsum(dout * out) of
     the whole causal rows, the gradients of the three (query chunk, K/V chunk) blocks, the
@@ -286,7 +286,7 @@ def test_block_backward_sums_to_the_full_gradient(block_backward, dtype):
     half, D = 17, 64
     q, k, v = leaves((1, 4, 2 * half, D), (1, 2, 2 * half, D), (1, 2, 2 * half, D), dtype=dtype)
     q64, k64, v64 = as_f64(q, k, v)
-    out, lse = kernels.attention_with_lse_ref(q64, k64, v64, causal=True)
+    out, lse = fused.attention_with_lse_ref(q64, k64, v64, causal=True)
     d_out = torch.randn_like(q)
     delta = (d_out.double() * out).sum(-1)
     dq, dk, dv = (torch.zeros_like(t, dtype=f32) for t in (q, k, v))   # block gradients add up in fp32
@@ -306,9 +306,9 @@ def test_block_backward_sums_to_the_full_gradient(block_backward, dtype):
 def test_attention_rejects_what_it_does_not_do():
     q, k = torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 4, 16)
     with pytest.raises(ValueError, match="equal query and key lengths"):
-        kernels.attention_with_lse(q, k, k, causal=True)
+        fused.attention_with_lse(q, k, k, causal=True)
     with pytest.raises(ValueError, match="not a multiple"):
-        kernels.attention(torch.zeros(1, 3, 8, 16), torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8, 16))
+        fused.attention(torch.zeros(1, 3, 8, 16), torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8, 16))
 
 
 # ----------------------------------------------------------------------------------------
@@ -325,13 +325,13 @@ def test_rms_norm_matches_reference(shape, dtype, w_dtype):
     torch.manual_seed(0)
     x, = leaves(shape, dtype=dtype)
     w = (torch.rand(shape[-1], device=DEVICE) + 0.5).to(w_dtype).requires_grad_()
-    y = kernels.rms_norm(x, w, 1e-5)
-    same_dtype_ref = kernels.rms_norm_ref(x, w, 1e-5)   # the reference's own roundings
+    y = fused.rms_norm(x, w, 1e-5)
+    same_dtype_ref = fused.rms_norm_ref(x, w, 1e-5)   # the reference's own roundings
     assert y.dtype == same_dtype_ref.dtype and y.shape == x.shape
     assert_close(y, same_dtype_ref, dtype, "y")
     dy = torch.randn_like(y)
     x64, w64 = as_f64(x, w)
-    want = grads(kernels.rms_norm_ref(x64, w64, 1e-5), (x64, w64), dy.double())
+    want = grads(fused.rms_norm_ref(x64, w64, 1e-5), (x64, w64), dy.double())
     for name, g, wg in zip(("dx", "dw"), grads(y, (x, w), dy), want):
         assert_close(g, wg, dtype, name)
 
@@ -341,7 +341,7 @@ def test_rms_norm_output_follows_x_under_autocast():
     would then differ from v's dtype); outside it the output promotes, as tested above."""
     x, w = torch.randn(17, 64, device=DEVICE, dtype=bf16), torch.rand(64, device=DEVICE) + 0.5
     with torch.autocast(torch.device(DEVICE).type, dtype=bf16):
-        y, want = kernels.rms_norm(x, w, 1e-5), kernels.rms_norm_ref(x, w, 1e-5)
+        y, want = fused.rms_norm(x, w, 1e-5), fused.rms_norm_ref(x, w, 1e-5)
     assert y.dtype == want.dtype == bf16
     assert_close(y, want, bf16, "y")
 
@@ -353,12 +353,12 @@ def test_rms_norm_output_follows_x_under_autocast():
 def test_swiglu_matches_reference(shape, dtype):
     torch.manual_seed(0)
     gate, up = leaves(shape, shape, dtype=dtype, scale=3.0)
-    out = kernels.swiglu(gate, up)
+    out = fused.swiglu(gate, up)
     assert out.dtype == dtype and out.shape == shape
-    assert_close(out, kernels.swiglu_ref(gate, up), dtype, "out")
+    assert_close(out, fused.swiglu_ref(gate, up), dtype, "out")
     d_out = torch.randn_like(out)
     g64, u64 = as_f64(gate, up)
-    want = grads(kernels.swiglu_ref(g64, u64), (g64, u64), d_out.double())
+    want = grads(fused.swiglu_ref(g64, u64), (g64, u64), d_out.double())
     for name, g, w in zip(("dgate", "dup"), grads(out, (gate, up), d_out), want):
         assert_close(g, w, dtype, name)
 
@@ -383,11 +383,11 @@ def test_cross_entropy_matches_reference(n, vocab, dtype, z_loss, ignore_index):
     logits, = leaves((n, vocab), dtype=dtype, scale=3.0)
     targets = targets_with_ignored(n, vocab, ignore_index) if n > 1 else torch.tensor([3], device=DEVICE)
     before = logits.detach().clone()
-    loss = kernels.cross_entropy(logits, targets, ignore_index=ignore_index, z_loss=z_loss)
+    loss = fused.cross_entropy(logits, targets, ignore_index=ignore_index, z_loss=z_loss)
     d_logits, = grads(loss, (logits,), torch.tensor(2.0, device=DEVICE))   # a scaled loss, like grad accumulation
     assert torch.equal(logits.detach(), before), "the caller's logits must not be overwritten"
     l64, = as_f64(logits)
-    want = kernels.cross_entropy_ref(l64, targets, ignore_index=ignore_index, z_loss=z_loss)
+    want = fused.cross_entropy_ref(l64, targets, ignore_index=ignore_index, z_loss=z_loss)
     torch.testing.assert_close(loss.double(), want.double(), atol=1e-5, rtol=1e-5)   # fp32 math in both
     want_grad, = grads(want, (l64,), torch.tensor(2.0, dtype=torch.float64, device=DEVICE))
     assert_close(d_logits, want_grad, dtype, "dlogits")
@@ -404,10 +404,10 @@ def test_linear_cross_entropy_matches_reference(n, d, vocab, chunk, dtype, z_los
     with torch.no_grad():
         w /= d ** 0.5
     targets = targets_with_ignored(n, vocab, -100)
-    loss = kernels.linear_cross_entropy(h, w, targets, z_loss=z_loss, chunk=chunk)
+    loss = fused.linear_cross_entropy(h, w, targets, z_loss=z_loss, chunk=chunk)
     got = grads(loss, (h, w), torch.tensor(0.5, device=DEVICE))
     h64, w64 = as_f64(h, w)
-    want = kernels.linear_cross_entropy_ref(h64, w64, targets, z_loss=z_loss)
+    want = fused.linear_cross_entropy_ref(h64, w64, targets, z_loss=z_loss)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == f32 else dict(atol=2e-2, rtol=2e-2)   # bf16 logits
     torch.testing.assert_close(loss.double(), want.double(), **tol)
     want_grads = grads(want, (h64, w64), torch.tensor(0.5, dtype=torch.float64, device=DEVICE))
@@ -415,7 +415,7 @@ def test_linear_cross_entropy_matches_reference(n, d, vocab, chunk, dtype, z_los
         assert g.dtype == dtype
         assert_close(g, wg, dtype, name)
     with torch.no_grad():   # no gradient wanted: the loss alone, same value
-        torch.testing.assert_close(kernels.linear_cross_entropy(h, w, targets, z_loss=z_loss, chunk=chunk), loss)
+        torch.testing.assert_close(fused.linear_cross_entropy(h, w, targets, z_loss=z_loss, chunk=chunk), loss)
 
 
 def test_linear_cross_entropy_takes_no_gradient_under_no_grad(monkeypatch):
@@ -424,12 +424,12 @@ def test_linear_cross_entropy_takes_no_gradient_under_no_grad(monkeypatch):
     torch.manual_seed(0)
     h, w = leaves((51, 32), (300, 32))
     targets = targets_with_ignored(51, 300, -100)
-    calls, ce_grad = [], kernels._ce_grad
-    monkeypatch.setattr(kernels, "_ce_grad", lambda *a, **k: calls.append(1) or ce_grad(*a, **k))
+    calls, ce_grad = [], fused._ce_grad
+    monkeypatch.setattr(fused, "_ce_grad", lambda *a, **k: calls.append(1) or ce_grad(*a, **k))
     with torch.no_grad():
-        loss = kernels.linear_cross_entropy(h, w, targets, chunk=16)
+        loss = fused.linear_cross_entropy(h, w, targets, chunk=16)
     assert not calls, "gradient work under no_grad"
-    want = kernels.linear_cross_entropy(h, w, targets, chunk=16)
+    want = fused.linear_cross_entropy(h, w, targets, chunk=16)
     assert len(calls) == 4                 # one per chunk when a gradient is wanted: the counter counts
     torch.testing.assert_close(loss, want.detach(), atol=0, rtol=0)
 
@@ -439,7 +439,7 @@ def test_linear_cross_entropy_takes_no_gradient_under_no_grad(monkeypatch):
 
 def test_every_kernel_compiles_for_h100_and_a100():
     """The interpreter runs a kernel's Python, not its GPU code: ptxas must accept each one
-    too. bench/compile_kernels.py compiles every launch kernels.py makes for sm_90 and sm_80
+    too. bench/compile_kernels.py compiles every launch fused.py makes for sm_90 and sm_80
     (the first autotune config of each; the script without flags does them all)."""
     pytest.importorskip("triton.backends.nvidia")
     if torch.cuda.is_available():
@@ -449,7 +449,8 @@ def test_every_kernel_compiles_for_h100_and_a100():
     run = subprocess.run([sys.executable, script, "--arch", "90,80", "--dtype", "bf16", "--first-config"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_rms_norm_bwd", "_swiglu_bwd", "_ce_bwd"):
+    for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_rms_norm_bwd", "_swiglu_bwd", "_ce_bwd",
+                 "_quant_linear"):
         assert f"| sm_90 | bf16 | {name} |" in run.stdout and f"| sm_80 | bf16 | {name} |" in run.stdout
 
 
@@ -459,18 +460,18 @@ def test_every_kernel_compiles_for_h100_and_a100():
 def test_backend_switch_picks_the_path():
     x = torch.zeros(2, device="cpu")
     with pytest.raises(ValueError, match="choose one of"):
-        kernels.set_backend("cuda")
-    kernels.set_backend("torch")
-    assert not kernels.use_triton(x)
-    kernels.set_backend("auto")
-    assert not kernels.use_triton(x)        # auto: the reference for CPU tensors
-    kernels.set_backend("triton")
-    if kernels.INTERPRET:
-        assert kernels.use_triton(x)
+        fused.set_backend("cuda")
+    fused.set_backend("torch")
+    assert not fused.use_triton(x)
+    fused.set_backend("auto")
+    assert not fused.use_triton(x)        # auto: the reference for CPU tensors
+    fused.set_backend("triton")
+    if fused.INTERPRET:
+        assert fused.use_triton(x)
     else:                                   # a GPU machine: CPU tensors cannot take the Triton path
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-            kernels.use_triton(x)
-        assert kernels.use_triton(x.cuda())
+            fused.use_triton(x)
+        assert fused.use_triton(x.cuda())
 
 
 @pytest.mark.skipif(not BF16_DOT, reason="this Triton's interpreter cannot be taught bf16 tl.dot")
@@ -492,7 +493,7 @@ def test_bf16_autocast_model_gradients_are_as_close_to_fp32_as_the_references(qk
     runs = {}
     for name, backend, bf16_autocast in (("fp32", "torch", False), ("reference", "torch", True),
                                          ("triton", "triton", True)):
-        kernels.set_backend(backend)
+        fused.set_backend(backend)
         torch.manual_seed(0)
         model = Transformer(cfg).to(DEVICE)
         with torch.autocast(torch.device(DEVICE).type, dtype=bf16, enabled=bf16_autocast):
@@ -514,9 +515,9 @@ def test_bf16_autocast_model_gradients_are_as_close_to_fp32_as_the_references(qk
 # forced; a backend that keeps the graph stops before anything runs.
 CAPTURE_MODEL_GRAPH = """
 import torch, torch.utils._triton
-import kernels, model
+import fused, model
 torch.utils._triton.has_triton = lambda: True
-kernels.use_triton = lambda x: True
+fused.use_triton = lambda x: True
 class Captured(Exception):
     pass
 graphs = []
@@ -580,10 +581,10 @@ def test_tiny_model_trains_to_the_same_loss_with_kernels_on_and_off(monkeypatch)
     y[0, :5] = -100
     losses = {}
     for backend in ("torch", "triton"):
-        kernels.set_backend(backend)
+        fused.set_backend(backend)
         if backend == "triton":   # prove the kernels ran: the references now refuse to
             for name in ("attention_ref", "rms_norm_ref", "swiglu_ref", "cross_entropy_ref"):
-                monkeypatch.setattr(kernels, name, lambda *a, **k: pytest.fail("reference used on the triton path"))
+                monkeypatch.setattr(fused, name, lambda *a, **k: pytest.fail("reference used on the triton path"))
         torch.manual_seed(0)
         model = Transformer(cfg).to(DEVICE)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -608,6 +609,118 @@ def test_packed_documents_through_the_model_on_the_triton_path():
     packed = torch.cat(docs)[None]
     import model as model_py
     got = m(packed, doc_starts=model_py.document_starts(packed, 0))
-    kernels.set_backend("torch")
+    fused.set_backend("torch")
     want = torch.cat([m(d[None]) for d in docs], 1)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# Weight-only quantized linears: decode-sized inputs (a few rows) against the references in
+# fp64. Under the interpreter the blocks are 16 features x 32 inputs, so 70 outputs and
+# 113 or 130 inputs end mid-block.
+
+def int8_weights(n_out, n_in, dtype=f32):
+    q = torch.randint(-128, 128, (n_out, n_in), dtype=torch.int8, device=DEVICE)
+    return q, (torch.rand(n_out, device=DEVICE) * 0.02 + 0.01).to(dtype)
+
+
+def int4_weights(n_out, n_in, group, dtype=f32):
+    q = torch.randint(0, 256, (n_out, n_in // 2), dtype=torch.uint8, device=DEVICE)
+    s = (torch.rand(n_out, n_in // group, device=DEVICE) * 0.1 + 0.05).to(dtype)
+    z = (torch.rand(n_out, n_in // group, device=DEVICE) * 15).to(dtype)
+    return q, s, z
+
+
+def check_int8_linear(rows, n_in, n_out, dtype, s_dtype=f32):
+    x = torch.randn(*rows, n_in, device=DEVICE).to(dtype)
+    q, s = int8_weights(n_out, n_in, s_dtype)
+    y = fused.int8_linear(x, q, s)
+    assert y.dtype == dtype and y.shape == (*rows, n_out)
+    assert_close(y, fused.int8_linear_ref(x.double(), q, s.double()), dtype, "int8 y")
+
+
+def check_int4_linear(rows, n_in, n_out, group, dtype, s_dtype=f32):
+    x = torch.randn(*rows, n_in, device=DEVICE).to(dtype)
+    q, s, z = int4_weights(n_out, n_in, group, s_dtype)
+    y = fused.int4_linear(x, q, s, z, group)
+    assert y.dtype == dtype and y.shape == (*rows, n_out)
+    assert_close(y, fused.int4_linear_ref(x.double(), q, s.double(), z.double(), group), dtype, "int4 y")
+
+
+@pytest.mark.parametrize("rows, n_in, dtype, s_dtype", [
+    ((1,), 96, f32, f32),       # one decode token
+    ((3,), 130, f32, f32),      # 4 input blocks and 2 columns
+    ((16,), 113, f32, f32),     # a full tile of rows
+    ((2, 3), 130, f32, f32),    # a leading batch dim
+    ((3,), 130, bf16, f32),
+    ((16,), 96, bf16, bf16),    # scales in x's dtype
+    ((1,), 130, f16, f16),
+])
+def test_int8_linear_matches_reference(rows, n_in, dtype, s_dtype):
+    if dtype == bf16 and not BF16_DOT:
+        pytest.skip("this Triton's interpreter cannot be taught bf16 tl.dot")
+    torch.manual_seed(0)
+    check_int8_linear(rows, n_in, 70, dtype, s_dtype)
+
+
+@pytest.mark.parametrize("rows, n_in, group, dtype, s_dtype", [
+    ((1,), 96, 32, f32, f32),
+    ((3,), 128, 64, f32, f32),
+    ((16,), 192, 64, f32, f32),
+    ((2, 3), 96, 32, f32, f32),
+    ((3,), 128, 32, bf16, f32),
+    ((16,), 128, 64, bf16, bf16),
+    ((1,), 96, 32, f16, f16),
+])
+def test_int4_linear_matches_reference(rows, n_in, group, dtype, s_dtype):
+    if dtype == bf16 and not BF16_DOT:
+        pytest.skip("this Triton's interpreter cannot be taught bf16 tl.dot")
+    torch.manual_seed(0)
+    check_int4_linear(rows, n_in, 70, group, dtype, s_dtype)
+
+
+@pytest.mark.parametrize("block_n, block_k", [(32, 64), (64, 128)])
+def test_quantized_linears_with_other_block_shapes(monkeypatch, block_n, block_k):
+    """The GPU configs' input steps are longer than a group of 32 (int4 then steps one group at
+    a time) or shorter than one of 128 (two steps per group); 20 rows take two row blocks."""
+    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": block_k})
+    monkeypatch.setattr(fused._quant_linear, "configs", [config])
+    torch.manual_seed(0)
+    check_int8_linear((20,), 130, 70, f32)
+    for group in (32, 64, 128):
+        check_int4_linear((3,), 256, 70, group, f32)
+
+
+def test_int4_packing_is_low_nibble_first():
+    """Byte j of a row holds input column 2j in its low nibble and 2j + 1 in its high one, and
+    W[o, i] = (q[o, i] - zeros[o, i // g]) * scales[o, i // g]: W built by hand from q."""
+    torch.manual_seed(0)
+    n_out, n_in, group = 6, 64, 32
+    q = torch.randint(0, 16, (n_out, n_in), dtype=torch.uint8)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    s = torch.rand(n_out, n_in // group, dtype=torch.float64) + 0.5
+    z = torch.rand(n_out, n_in // group, dtype=torch.float64) * 15
+    g = torch.arange(n_in) // group
+    w = (q.double() - z[:, g]) * s[:, g]
+    x = torch.randn(3, n_in, dtype=torch.float64)
+    assert torch.equal(fused.unpack_int4(packed), q)
+    torch.testing.assert_close(fused.int4_linear_ref(x, packed, s, z, group), x @ w.T)
+    assert_close(fused.int4_linear(x.float(), packed, s.float(), z.float(), group), x @ w.T, f32, "triton")
+
+
+def test_quantized_linears_refuse_what_they_do_not_do():
+    x = torch.randn(2, 64)
+    q8, s8 = int8_weights(8, 64)
+    q4, s4, z4 = int4_weights(8, 64, 32)
+    with pytest.raises(ValueError, match="a multiple of it"):
+        fused.int4_linear(torch.randn(2, 48), q4[:, :24], s4, z4, 32)
+    with pytest.raises(ValueError, match="power of two from 32"):
+        fused.int4_linear(x, q4, s4, z4, 16)
+    with pytest.raises(ValueError, match="scales"):
+        fused.int4_linear(x, q4, s4, z4[:, :1], 32)
+    with pytest.raises(ValueError, match="qweight"):
+        fused.int8_linear(x, q4, s8)
+    with pytest.raises(RuntimeError, match="inference only"):
+        fused.int8_linear(x.requires_grad_(), q8, s8)
+    with torch.no_grad():
+        assert fused.int8_linear(x, q8, s8).shape == (2, 8)

@@ -1,4 +1,4 @@
-"""kernels.py — the fused ops the model calls, each with a torch reference.
+"""fused.py — the fused ops the model calls, each with a torch reference.
 
 Every op has a torch reference (the source of truth for tests), Triton kernels, an
 autograd.Function that launches them, and a dispatcher that model.py calls:
@@ -10,6 +10,8 @@ autograd.Function that launches them, and a dispatcher that model.py calls:
     swiglu(gate, up)                            silu(gate) * up, recomputed in backward
     cross_entropy(logits, targets, ...)         mean loss, no fp32 copy of the logits
     linear_cross_entropy(h, weight, targets)    LM head + loss in row chunks (Liger's FLCE)
+    int8_linear(x, qweight, scales)             weight-only int8 / int4 linears for decoding, dequantized
+    int4_linear(x, qweight, scales, zeros, g)   in registers (inference only: no autograd.Function)
 
 The dispatcher picks:
 
@@ -18,7 +20,7 @@ The dispatcher picks:
     backend "triton" always Triton; on a CPU this needs TRITON_INTERPRET=1 set before
                      triton is imported (the tests do this in conftest.py)
 
-kernels.py knows nothing about models: shapes in, shapes out.
+fused.py knows nothing about models: shapes in, shapes out.
 """
 import math
 import os
@@ -861,3 +863,122 @@ def linear_cross_entropy(h, weight, targets, ignore_index=-100, z_loss=0.0, chun
     V = weight.shape[0]
     chunk = chunk or triton.next_power_of_2(triton.cdiv(N, triton.cdiv(V, d)))
     return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, z_loss, chunk)
+
+
+# ----------------------------------------------------------------------------------------
+# Weight-only quantized linears for decoding, in the formats infer.py's quantizer writes.
+# At 1..16 rows a linear layer is bound by reading its weight: dequantize-then-matmul reads
+# the int weight, writes a 16-bit copy and reads that again; the kernel reads the int weight
+# once and dequantizes it in registers. Inference only: no backward (no autograd.Function),
+# and the ops refuse an input that requires a gradient rather than return one without it.
+
+def unpack_int4(qweight):
+    """(out, in // 2) uint8 -> (out, in) uint8: byte j holds column 2j in its low nibble, 2j + 1 in its high."""
+    return torch.stack([qweight & 0xF, qweight >> 4], -1).flatten(-2)
+
+
+def int8_linear_ref(x, qweight, scales):
+    """x (..., in) @ W.T, W = qweight (out, in) int8 * scales (out,)[:, None]: dequantized in fp32
+    (fp64 for fp64 x), rounded to x's dtype once, as a 16-bit copy of the weight would be."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    return F.linear(x, (qweight.to(dt) * scales.to(dt)[:, None]).to(x.dtype))
+
+
+def int4_linear_ref(x, qweight, scales, zeros, group_size):
+    """x (..., in) @ W.T, W[o, i] = (q[o, i] - zeros[o, i // g]) * scales[o, i // g] with q the
+    nibbles of qweight (unpack_int4); dequantized and rounded as int8_linear_ref does."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    s, z = (t.to(dt).repeat_interleave(group_size, 1) for t in (scales, zeros))
+    return F.linear(x, ((unpack_int4(qweight).to(dt) - z) * s).to(x.dtype))
+
+
+def _quant_linear_configs():
+    # (BLOCK_N features, BLOCK_K inputs, warps, stages): a step streams BLOCK_N x BLOCK_K
+    # weight bytes (half that for int4); a few stages in flight keep the loads coming.
+    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for n, k, w, s in [(64, 128, 4, 4), (64, 256, 4, 3), (32, 256, 4, 4), (128, 128, 8, 3)]]
+
+
+@triton.jit
+def _dot_dequantized(acc, w, X, rows, cols, sx, M, K, PRECISION: tl.constexpr):
+    """acc + w @ x[rows, cols]^T, w (BLOCK_N, len(cols)) fp32, rounded to x's dtype like the references' W."""
+    x_t = tl.load(X + rows[None, :] * sx + cols[:, None], mask=(rows[None, :] < M) & (cols[:, None] < K), other=0.0)
+    return tl.dot(w.to(x_t.dtype), x_t, acc, input_precision=PRECISION)
+
+
+@_autotune(_quant_linear_configs(), triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}),
+           key=["M_POW2", "N", "K", "INT4", "GROUP"])
+@triton.jit
+def _quant_linear(X, QW, S, Z, OUT, M, N, K, M_POW2, sx, sw, ss, so, INT4: tl.constexpr, GROUP: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program: BLOCK_N output features of BLOCK_M rows, over K in BLOCK_K steps. Computed
+    transposed, out^T = W x^T ("swap AB"): the features fill the dot's M side, the few rows of x
+    (padded to tl.dot's minimum of 16) its N side, and the dequantized tile is the register operand.
+    INT4: a step's bytes hold its even columns (low nibbles) and odd ones (high nibbles): two
+    half-tiles, each dotted with x's matching strided columns, no interleave. A step stays in
+    one group, so its scales and zeros are one per feature (gathered per element, they spill)."""
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)     # int64: n * sw can pass 2^31
+    acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    STEP: tl.constexpr = min(BLOCK_K, GROUP) if INT4 else BLOCK_K
+    for k0 in range(0, K, STEP):
+        if INT4:
+            j = k0 // 2 + tl.arange(0, STEP // 2)                            # bytes: columns 2j and 2j + 1
+            b = tl.load(QW + n[:, None] * sw + j[None, :], mask=(n[:, None] < N) & (j[None, :] < K // 2), other=0)
+            s = tl.load(S + n * ss + k0 // GROUP, mask=n < N, other=0.0).to(tl.float32)[:, None]
+            z = tl.load(Z + n * ss + k0 // GROUP, mask=n < N, other=0.0).to(tl.float32)[:, None]
+            acc = _dot_dequantized(acc, ((b & 0xF).to(tl.float32) - z) * s, X, rows, 2 * j, sx, M, K, PRECISION)
+            acc = _dot_dequantized(acc, ((b >> 4).to(tl.float32) - z) * s, X, rows, 2 * j + 1, sx, M, K, PRECISION)
+        else:
+            cols = k0 + tl.arange(0, BLOCK_K)
+            q = tl.load(QW + n[:, None] * sw + cols[None, :], mask=(n[:, None] < N) & (cols[None, :] < K), other=0)
+            acc = _dot_dequantized(acc, q.to(tl.float32), X, rows, cols, sx, M, K, PRECISION)
+    if not INT4:  # int8 values are exact in any dtype: the row's one scale goes on the sums
+        acc *= tl.load(S + n, mask=n < N, other=0.0).to(tl.float32)[:, None]
+    tl.store(OUT + rows[None, :] * so + n[:, None], acc.to(OUT.dtype.element_ty),
+             mask=(n[:, None] < N) & (rows[None, :] < M))
+
+
+def _quant_linear_launch(x, qweight, scales, zeros=None, group_size=0):
+    """int4 when given zeros, else int8 (GROUP unused)."""
+    x2 = _rows(x)
+    (M, K), N = x2.shape, qweight.shape[0]
+    qweight, scales = qweight.contiguous(), scales.contiguous()
+    out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))  # noqa: E731
+    _quant_linear[grid](x2, qweight, scales, scales if zeros is None else zeros.contiguous(), out,
+                        M, N, K, triton.next_power_of_2(M), x2.stride(0), qweight.stride(0), scales.stride(0),
+                        out.stride(0), INT4=zeros is not None, GROUP=group_size, PRECISION=_dot_precision(x))
+    return out.view(*x.shape[:-1], N)
+
+
+def _check_quant(name, x, qweight, dtype, want):
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError(f"{name} is inference only (no backward): call it under torch.no_grad()")
+    if qweight.dtype != dtype or tuple(qweight.shape) != want:
+        raise ValueError(f"{name}: qweight {tuple(qweight.shape)} {qweight.dtype}, want {want} {dtype} "
+                         f"for x {tuple(x.shape)}")
+
+
+def int8_linear(x, qweight, scales):
+    """x (..., in) @ (qweight * scales[:, None]).T in x's dtype; qweight (out, in) int8, scales (out,)."""
+    _check_quant("int8_linear", x, qweight, torch.int8, (scales.numel(), x.shape[-1]))
+    if not use_triton(x):
+        return int8_linear_ref(x, qweight, scales)
+    return _quant_linear_launch(x, qweight, scales)
+
+
+def int4_linear(x, qweight, scales, zeros, group_size):
+    """x (..., in) @ W.T in x's dtype, W from packed 4-bit qweight (out, in // 2) uint8 and
+    per-group scales and zeros (out, in // group_size): see int4_linear_ref."""
+    K = x.shape[-1]
+    if group_size < 32 or group_size & (group_size - 1) or K % group_size:   # a kernel step: 2 x 16 columns
+        raise ValueError(f"int4_linear: group_size {group_size} must be a power of two from 32, "
+                         f"and the {K} input features (an even number) a multiple of it")
+    _check_quant("int4_linear", x, qweight, torch.uint8, (scales.shape[0], K // 2))
+    if scales.shape != zeros.shape or scales.shape[1] != K // group_size:
+        raise ValueError(f"int4_linear: scales {tuple(scales.shape)} and zeros {tuple(zeros.shape)}, "
+                         f"want ({qweight.shape[0]}, {K // group_size})")
+    if not use_triton(x):
+        return int4_linear_ref(x, qweight, scales, zeros, group_size)
+    return _quant_linear_launch(x, qweight, scales, zeros, group_size)
