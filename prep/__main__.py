@@ -29,7 +29,9 @@ def cmd_run(args):
     recipe = load_recipe(args.recipe, args.set)
     out = args.out or recipe["output"]["dir"]
     if not out:
-        sys.exit(f"{args.recipe}: no output directory: set [output] dir or pass --out")
+        sys.exit(f"error: {args.recipe}: no output directory: set [output] dir or pass --out")
+    if os.path.exists(out) and not os.path.isdir(out):
+        sys.exit(f"error: --out {out}: a file, not a directory")
     t0 = time.time()
     with open(args.recipe) as f:
         text = f.read()
@@ -38,17 +40,23 @@ def cmd_run(args):
     r = pipeline.run(recipe, out, args.tasks, args.workers, args.task_id, text)
     if os.path.exists(os.path.join(out, "stats.json")):
         with open(os.path.join(out, "stats.json")) as f:
-            stages = [s for s in json.load(f)["stages"].values() if isinstance(s, dict) and "steps" in s]
-        first = stages[0]
-        print(f"done in {time.time() - t0:.1f}s: {first['in']:,} documents in, {stages[-1]['kept']:,} out, "
-              f"{sum(s['errored'] for s in stages)} errored; {first['in'] / (time.time() - t0):.0f} docs/s "
+            stages = {n: s for n, s in json.load(f)["stages"].items() if isinstance(s, dict) and "steps" in s}
+        first, last = next(iter(stages.values())), list(stages.values())[-1]
+        print(f"done in {time.time() - t0:.1f}s: {first['in']:,} documents in, {last['kept']:,} out, "
+              f"{sum(s['errored'] for s in stages.values())} errored; {first['in'] / (time.time() - t0):.0f} docs/s "
               f"overall. `python -m prep inspect {out}` for details")
+        for name, s in stages.items():
+            if s["kept"] == 0:  # a run that makes nothing has failed
+                sys.exit(f"error: stage {name} kept 0 of {s['in']} documents ({s['errored']} errored): "
+                         f"`python -m prep inspect {out}` says why")
     tok_stats = os.path.join(r.tokens, "stats.json")
     if os.path.exists(tok_stats):
         with open(tok_stats) as f:
             s = json.load(f)
         print(f"tokens: train {s['train']['tokens']:,} ({s['train']['documents']:,} docs), val "
               f"{s['val']['tokens']:,} ({s['val']['documents']:,} docs), {s['bytes_per_token']:.2f} bytes/token")
+        if not s["train"]["tokens"]:
+            sys.exit(f"error: stage tokenize wrote no training token ({s['val']['documents']} documents to validation)")
     return r
 
 
@@ -126,6 +134,13 @@ def _env_int(*names):
     return None
 
 
+def positive(text):
+    """argparse type: an integer >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m prep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,15 +148,15 @@ def main(argv=None):
     r = sub.add_parser("run", help="run a recipe")
     r.add_argument("recipe")
     r.add_argument("--out", help="output directory (default: the recipe's [output] dir)")
-    r.add_argument("--tasks", type=int, default=_env_int("SLURM_ARRAY_TASK_COUNT", "WORLD_SIZE") or 1)
-    r.add_argument("--workers", type=int, default=1, help="tasks run at a time locally")
+    r.add_argument("--tasks", type=positive, default=_env_int("SLURM_ARRAY_TASK_COUNT", "WORLD_SIZE") or 1)
+    r.add_argument("--workers", type=positive, default=1, help="tasks run at a time locally")
     r.add_argument("--task-id", type=int, default=_env_int("SLURM_ARRAY_TASK_ID", "RANK"),
                    help="run only this task of each stage (a Slurm array task)")
     r.add_argument("--set", action="append", default=[], help="override: input.key=value or step_name.key=value")
     r.set_defaults(fn=cmd_run)
     pl = sub.add_parser("plan", help="print the stages of a recipe")
     pl.add_argument("recipe")
-    pl.add_argument("--tasks", type=int, default=1)
+    pl.add_argument("--tasks", type=positive, default=1)
     pl.add_argument("--set", action="append", default=[])
     pl.set_defaults(fn=cmd_plan)
     i = sub.add_parser("inspect", help="what a run kept and removed")
@@ -187,7 +202,7 @@ def main(argv=None):
         p.error(f"--task-id {args.task_id} is outside 0..{args.tasks - 1} (--tasks {args.tasks})")
     try:
         args.fn(args)
-    except (ValueError, OSError) as e:  # bad input: one line naming the file and what is wrong
+    except (ValueError, OSError, ImportError) as e:  # bad input or a missing library: one line naming it
         sys.exit(f"error: {e}")
 
 

@@ -15,10 +15,47 @@ from urllib.parse import urlsplit
 import numpy as np
 
 WORD = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]+")  # words, and runs of punctuation as their own tokens
+# Written without spaces between words: the regex would take a clause for a word, and n-grams of
+# such "words" mean nothing, so these get no word split unless a segmenter is installed.
+NO_SPACES = ("zh", "ja", "th", "lo", "km", "my", "bo", "zho", "cmn", "yue", "wuu", "jpn", "tha", "lao", "khm", "mya",
+             "bod")  # ISO 639-1 as fastText tags, and 639-3 as Common Crawl's WET headers
+SPACY_CONFIG = {"zh": {"nlp": {"tokenizer": {"segmenter": "jieba"}}}}  # datatrove's: jieba words, not characters
 
 
 def words_of(text):
     return WORD.findall(text)
+
+
+@functools.lru_cache(maxsize=None)
+def word_splitter(language, word_split="auto"):
+    """split(text) -> words for a language, or None where there is none. "auto" follows
+    datatrove's load_word_tokenizer: spaCy's rule-based tokenizer for the language (jieba
+    segments Chinese) where spaCy, and jieba, are installed. Otherwise, and with "regex", the
+    regex above for languages written with spaces. The two differ near thresholds: "10:43" is
+    one word for spaCy and three for the regex, "don't" two for spaCy and one for the regex."""
+    if word_split not in ("auto", "regex"):
+        raise ValueError(f"word_split: {word_split!r} is not 'auto' or 'regex'")
+    if word_split == "auto":
+        try:
+            import spacy
+            lang = spacy.blank(language).lang  # "zho" is "zh" to spaCy
+            tokenizer = spacy.blank(lang, config=SPACY_CONFIG.get(lang, {})).tokenizer
+            return lambda text: [w for w in (t.text.strip() for t in tokenizer(text)) if w]
+        except ImportError:  # no spaCy, no spaCy support for the language, or no segmenter for it
+            pass
+    return None if language in NO_SPACES else words_of
+
+
+@functools.lru_cache(maxsize=4)  # the Gopher and FineWeb steps split the same text in turn (datatrove caches too)
+def split_words(text, language, word_split):
+    split = word_splitter(language, word_split)
+    return None if split is None else split(text)
+
+
+def doc_words(doc, word_split):
+    """The page's words in its language (meta "language", from the language step; English when
+    untagged), or None where this machine has no word split for that language."""
+    return split_words(doc["text"], str(doc["meta"].get("language") or "en").split(",")[0], word_split)
 
 
 def is_symbol(word):
@@ -107,7 +144,7 @@ def language(doc, languages=("en",), min_score=LANGUAGE_MIN_SCORE, backend="fast
 # --- Gopher (Rae et al. 2021, appendix A.1.1 "MassiveWeb", table A1) ------------------------
 
 GOPHER_MIN_WORDS, GOPHER_MAX_WORDS = 50, 100_000           # words, excluding symbol-only tokens
-GOPHER_MIN_MEAN_WORD, GOPHER_MAX_MEAN_WORD = 3, 10         # mean word length in characters
+GOPHER_MIN_MEAN_WORD, GOPHER_MAX_MEAN_WORD = 3.0, 10.0     # mean word length in characters
 GOPHER_MAX_SYMBOL_RATIO = 0.1                              # '#' or '...' per word
 GOPHER_MAX_BULLET_LINES = 0.9                              # lines starting with a bullet
 GOPHER_MAX_ELLIPSIS_LINES = 0.3                            # lines ending with an ellipsis
@@ -121,9 +158,11 @@ def gopher_quality(doc, min_words=GOPHER_MIN_WORDS, max_words=GOPHER_MAX_WORDS,
                    min_mean_word=GOPHER_MIN_MEAN_WORD, max_mean_word=GOPHER_MAX_MEAN_WORD,
                    max_symbol_ratio=GOPHER_MAX_SYMBOL_RATIO, max_bullet_lines=GOPHER_MAX_BULLET_LINES,
                    max_ellipsis_lines=GOPHER_MAX_ELLIPSIS_LINES, min_alpha_words=GOPHER_MIN_ALPHA_WORDS,
-                   stop_words=GOPHER_STOP_WORDS, min_stop_words=GOPHER_MIN_STOP_WORDS):
+                   stop_words=GOPHER_STOP_WORDS, min_stop_words=GOPHER_MIN_STOP_WORDS, word_split="auto"):
     text = doc["text"]
-    words = words_of(text)
+    words = doc_words(doc, word_split)
+    if words is None:
+        return "no_word_splitter"
     real = [w for w in words if not is_symbol(w)]
     if len(real) < min_words:
         return "too_few_words"
@@ -198,7 +237,7 @@ def duplicate_ngram_chars(ids, cum, n):
 
 def gopher_repetition(doc, dup_line_frac=GOPHER_DUP_LINE_FRAC, dup_para_frac=GOPHER_DUP_PARA_FRAC,
                       dup_line_char_frac=GOPHER_DUP_LINE_CHAR_FRAC, dup_para_char_frac=GOPHER_DUP_PARA_CHAR_FRAC,
-                      top_ngrams=GOPHER_TOP_NGRAM_CHAR_FRAC, dup_ngrams=GOPHER_DUP_NGRAM_CHAR_FRAC):
+                      top_ngrams=GOPHER_TOP_NGRAM_CHAR_FRAC, dup_ngrams=GOPHER_DUP_NGRAM_CHAR_FRAC, word_split="auto"):
     text = doc["text"]
     if not text.strip():
         return "empty"
@@ -214,7 +253,9 @@ def gopher_repetition(doc, dup_line_frac=GOPHER_DUP_LINE_FRAC, dup_para_frac=GOP
         return "dup_lines"
     if chars / len(text) > dup_line_char_frac:
         return "dup_line_chars"
-    words, vocab = words_of(text), {}
+    words, vocab = doc_words(doc, word_split), {}
+    if words is None:
+        return "no_word_splitter"
     ids = np.array([vocab.setdefault(w, len(vocab) + 1) for w in words], np.uint64)
     cum = np.concatenate([[0], np.cumsum([len(w) for w in words])])
     for n, frac in sorted((int(k), v) for k, v in top_ngrams.items()):
@@ -233,8 +274,27 @@ C4_MIN_SENTENCES = 5            # pages with fewer sentences are removed
 C4_MIN_LINE_WORDS = 3           # shorter lines are removed
 C4_MAX_WORD_CHARS = 1000        # lines with a longer "word" are removed (tfds implementation)
 C4_POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
+WORD_CHAR = re.compile(r"\w")
 CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
-SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)")
+# a run of stops before a space or the end (or inside "end.Next", where spaCy splits too)
+SENTENCE_END = re.compile(r"[.!?]+(?:[\"'”’)\]]*(?=\s|$)|(?<=[a-z]\.)(?=[A-Z]))")
+# spaCy keeps these whole ("Mrs." is one token), so their period ends no sentence for datatrove's C4 filter
+ABBREVIATIONS = frozenset("Mr Mrs Ms Dr Prof St Jr Sr Mt Rev Gen Gov Sen Rep Messrs Bros Co Corp Inc Ltd vs Jan Feb "
+                          "Mar Apr Jun Jul Aug Sep Sept Oct Nov Dec".split())
+
+
+def count_sentences(line):
+    """Sentences in a line as datatrove's C4 filter counts them (spaCy's sentencizer): one,
+    plus one for each sentence end that more words follow. A run of '.' ends a sentence unless
+    it is '..' or longer, or ends an abbreviation spaCy keeps whole: "Mrs.", "e.g.", "Ph.D.", "J."."""
+    n, last = 1, None
+    for m in SENTENCE_END.finditer(line):
+        stops, word = m.group().rstrip("\"'”’)]"), line[line.rfind(" ", 0, m.start()) + 1:m.start()]
+        short = word.isalpha() and len(word) == 1 or "." in word and max(map(len, word.split("."))) <= 2
+        if stops.strip(".") or not (len(stops) > 1 or short or word in ABBREVIATIONS):
+            n += last is not None and WORD_CHAR.search(line, last, m.start()) is not None
+            last = m.end()
+    return n + (last is not None and WORD_CHAR.search(line, last) is not None)
 
 
 def c4(doc, terminal_punctuation=True, min_sentences=C4_MIN_SENTENCES, min_line_words=C4_MIN_LINE_WORDS,
@@ -261,7 +321,7 @@ def c4(doc, terminal_punctuation=True, min_sentences=C4_MIN_SENTENCES, min_line_
             return "curly_bracket"
         if "javascript" in lower or any(p in lower for p in C4_POLICY):
             continue
-        sentences += max(1, len(SENTENCE_END.findall(line)))
+        sentences += count_sentences(line)
         kept.append(line)
     if sentences < min_sentences:
         return "too_few_sentences"
@@ -295,23 +355,30 @@ FINEWEB_MAX_SHORT_LINES = 0.67   # remove if more lines than this are short...
 FINEWEB_SHORT_LINE_CHARS = 30    # ...that is, at most 30 characters
 FINEWEB_MAX_DUP_LINE_CHARS = 0.01  # remove if more than 1% of characters are in duplicated lines
 FINEWEB_MAX_NEWLINES_PER_WORD = 0.3  # "list-like" documents
-TERMINAL_PUNCTUATION = tuple(".!?…。！？‼⁇⁈⁉;:\"'”’»") + ("...",)
+# A line "ends in terminal punctuation" when its last character is one of Unicode's Sentence_Terminal
+# characters, datatrove's default stop_chars (datatrove.utils.text.TERMINAL_PUNCTUATION): not ':' ';'
+# '…' or a closing quote, so a page of "Label:" lines or of code is removed as FineWeb removes it.
+FINEWEB_STOP_CHARS = ("!.?։؝؞؟۔܀܁܂߹࠷࠹࠽࠾।॥၊။።፧፨᙮᜵᜶។៕៖៙៚᠃᠉᥄᥅᪨᪩᪪᪫᭚᭛᭞᭟᭽᭾᰻᰼᱾᱿‼‽⁇⁈⁉⸮⸼⹓⹔。꓿꘎꘏꛳꛷꡶꡷꣎꣏꤯꧈꧉꩝꩞꩟꫰꫱꯫﹒﹖"
+                      "﹗！．？｡𐩖𐩗𐽕𐽖𐽗𐽘𐽙𐾆𐾇𐾈𐾉𑁇𑁈𑂾𑂿𑃀𑃁𑅁𑅂𑅃𑇅𑇆𑇍𑇞𑇟𑈸𑈹𑈻𑈼𑊩𑑋𑑌𑗂𑗃𑗉𑗊𑗋𑗌𑗍𑗎𑗏𑗐𑗑𑗒𑗓𑗔𑗕𑗖𑗗𑙁𑙂𑜼𑜽𑜾𑥄𑥆𑩂𑩃𑪛𑪜𑱁𑱂𑻷𑻸𑽃𑽄𖩮𖩯𖫵𖬷𖬸𖭄𖺘𛲟𝪈")
 
 
 def fineweb(doc, min_punct_lines=FINEWEB_MIN_PUNCT_LINES, max_short_lines=FINEWEB_MAX_SHORT_LINES,
             short_line_chars=FINEWEB_SHORT_LINE_CHARS, max_dup_line_chars=FINEWEB_MAX_DUP_LINE_CHARS,
-            max_newlines_per_word=FINEWEB_MAX_NEWLINES_PER_WORD):
+            max_newlines_per_word=FINEWEB_MAX_NEWLINES_PER_WORD, stop_chars=FINEWEB_STOP_CHARS, word_split="auto"):
     text = doc["text"]
     lines = [line for line in text.split("\n") if line.strip()]
     if not lines:
         return "empty"
-    if sum(line.endswith(TERMINAL_PUNCTUATION) for line in lines) / len(lines) < min_punct_lines:
+    if sum(line[-1] in stop_chars for line in lines) / len(lines) < min_punct_lines:  # one-character stops
         return "punct_lines"
     if sum(len(line) <= short_line_chars for line in lines) / len(lines) > max_short_lines:
         return "short_lines"
     if find_duplicates(lines)[1] / max(1, len(text.replace("\n", ""))) > max_dup_line_chars:
         return "dup_line_chars"
-    if text.count("\n") / max(1, len(words_of(text))) > max_newlines_per_word:
+    words = doc_words(doc, word_split)
+    if words is None:
+        return "no_word_splitter"
+    if text.count("\n") / max(1, len(words)) > max_newlines_per_word:
         return "list_like"
     return None
 
@@ -319,7 +386,7 @@ def fineweb(doc, min_punct_lines=FINEWEB_MIN_PUNCT_LINES, max_short_lines=FINEWE
 # --- code (The Stack, Kocetkov et al. 2022 sec. 3; StarCoder, Li et al. 2023 sec. 3) -------
 
 CODE_MAX_LINE_CHARS = 1000      # a longer line means minified or generated code
-CODE_MAX_MEAN_LINE_CHARS = 100
+CODE_MAX_MEAN_LINE_CHARS = 100.0
 CODE_MIN_ALNUM_FRAC = 0.25      # mostly symbols: data tables, encoded blobs
 AUTOGENERATED = re.compile(r"auto-?generated|do not edit|generated by", re.I)
 

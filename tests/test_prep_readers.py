@@ -3,6 +3,8 @@ stdlib WARC reader (against warcio where installed), balanced task splitting."""
 import gzip
 import json
 import os
+import sys
+import zlib
 
 import pytest
 
@@ -32,9 +34,18 @@ def test_bad_gzip_member_is_one_error_and_reading_goes_on(tmp_path):
     docs, errors = read_all(path)
     assert [d["id"] for d in docs] == ["d0", "d1", "d2", "d6", "d7", "d8"]
     assert len(errors) == 1 and errors[0]["byte"] == len(good1) and "gzip" in errors[0]["error"]
-    path.write_bytes(good1 + good2[:-10])  # truncated at the end
-    docs, errors = read_all(path)
-    assert [d["id"] for d in docs] == ["d0", "d1", "d2"] and "truncated" in errors[0]["error"]
+
+
+def test_a_cut_gzip_member_keeps_its_complete_lines_and_counts_the_cut_one(tmp_path):
+    whole = gzip.compress("".join(jsonl(i) for i in range(400)).encode(), mtime=0)
+    d400 = gzip.compress(jsonl(400).encode(), mtime=0)
+    for before, cut in ((b"", whole[:len(whole) // 2]), (d400, whole[:len(whole) // 3])):  # alone, after a member
+        (tmp_path / "cut.jsonl.gz").write_bytes(before + cut)
+        complete = zlib.decompressobj(31).decompress(cut).count(b"\n")  # independent: the cut bytes' newlines
+        first = ["d400"] if before else []
+        docs, errors = read_all(tmp_path / "cut.jsonl.gz")
+        assert 50 < complete < 400 and [d["id"] for d in docs] == first + [f"d{i}" for i in range(complete)]
+        assert len(errors) == 1 and errors[0]["line"] == len(first) + complete + 1 and "EOFError" in errors[0]["error"]
 
 
 def test_malformed_lines_non_utf8_and_oversized_documents_are_errors_with_line(tmp_path):
@@ -124,10 +135,57 @@ def test_warc_reader_on_synthetic_records(tmp_path):
     assert docs[0]["text"] == "T\nHello world & more.\nSecond line."  # no script, no nav
 
 
-def test_missing_extractor_names_the_package(monkeypatch):
-    monkeypatch.setattr(warc, "extractors", lambda: ["html.parser"])
-    with pytest.raises(ImportError, match="pip install trafilatura"):
-        warc.extract({"id": 1, "text": "<p>x</p>", "meta": {}}, extractor="trafilatura")
+def not_installed(monkeypatch, package):
+    """Import `package` (and its submodules) as if it were not installed."""
+    for name in [m for m in sys.modules if m.startswith(package + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, package, None)
+
+
+@pytest.fixture
+def broken_trafilatura(tmp_path, monkeypatch):
+    """A trafilatura that is installed but fails to import, as it does with lxml >= 5.2 and no
+    lxml_html_clean; nothing is installed, the fake package shadows any real one."""
+    (tmp_path / "trafilatura").mkdir()
+    (tmp_path / "trafilatura" / "__init__.py").write_text(
+        'raise ImportError("lxml.html.clean module is now a separate project lxml_html_clean")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m.split(".")[0] == "trafilatura"]:
+        monkeypatch.delitem(sys.modules, name)
+    not_installed(monkeypatch, "resiliparse")
+    warc.extractors.cache_clear()
+    yield
+    warc.extractors.cache_clear()
+
+
+def test_an_extractor_that_fails_to_import_is_reported_with_its_cause(broken_trafilatura):
+    assert warc.extractors()["trafilatura"] == "lxml.html.clean module is now a separate project lxml_html_clean"
+    page = {"id": 1, "text": "<p>Some text.</p>", "meta": {"content_type": "text/html"}}
+    with pytest.raises(ImportError, match="extractor='trafilatura': lxml.html.clean module .* lxml_html_clean"):
+        warc.extract(dict(page), extractor="trafilatura")
+    with pytest.warns(UserWarning, match="trafilatura is installed but does not import .*lxml_html_clean.*"
+                                         "using html.parser"):
+        assert warc.extract(page) is None and page["meta"]["extractor"] == "html.parser"
+
+
+def test_trafilatura_text_of_a_page_does_not_depend_on_the_pages_before():
+    # trafilatura's deduplicate=True drops a block its process saw 3 times before; prep clears that per page
+    pytest.importorskip("trafilatura")
+    if warc.extractors()["trafilatura"]:
+        pytest.skip(warc.extractors()["trafilatura"])
+    page = "<html><body><article>" + "".join(
+        f"<p>Paragraph {i} of a long article, with enough words to pass the length check of the extractor.</p>"
+        for i in range(8)) + "</article></body></html>"
+    assert len({warc.html_to_text(page) for _ in range(4)}) == 1
+
+
+def test_a_missing_extractor_is_named(monkeypatch):
+    not_installed(monkeypatch, "resiliparse")
+    warc.extractors.cache_clear()
+    assert warc.extractors()["resiliparse"] == "not installed"
+    with pytest.raises(ImportError, match="extractor='resiliparse': not installed .see requirements-prep.txt"):
+        warc.extract({"id": 1, "text": "<p>x</p>", "meta": {}}, extractor="resiliparse")
+    warc.extractors.cache_clear()
 
 
 CC = os.path.join(SHARED_DATA, "common_crawl")
