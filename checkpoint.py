@@ -116,21 +116,21 @@ def part_box(shape, spec):
 
 
 def flat_boxes(box, start, stop):
-    """The flat range [start, stop) of the row-major box (1-D or 2-D) as boxes, in order: a
-    partial first row, whole rows, a partial last row."""
-    (r0, _), *cols = box
-    if not cols:
+    """The flat range [start, stop) of the row-major box as boxes, in order: a partial first
+    row, whole rows, a partial last row (a row being everything past the first dimension;
+    partial rows are cut the same way, one dimension down)."""
+    (r0, _), *inner = box
+    if not inner:
         return [[(r0 + start, r0 + stop)]]
-    (c0, c1), = cols
-    width, boxes = c1 - c0, []
+    width, boxes = math.prod(b - a for a, b in inner), []
     while start < stop:
         row, col = divmod(start, width)
         if col or stop - start < width:   # part of one row
             end = min(stop, (row + 1) * width)
-            boxes.append([(r0 + row, r0 + row + 1), (c0 + col, c0 + col + end - start)])
+            boxes += [[(r0 + row, r0 + row + 1), *b] for b in flat_boxes(inner, col, col + end - start)]
         else:                             # whole rows
             end = start + (stop - start) // width * width
-            boxes.append([(r0 + row, r0 + end // width), (c0, c1)])
+            boxes.append([(r0 + row, r0 + end // width), *inner])
         start = end
     return boxes
 
@@ -186,20 +186,27 @@ def load_box(path, key, box):
 
 def file_source(paths, rename=lambda key: key, padded=None):
     """A source over whole tensors in safetensors files (a Hugging Face checkpoint). rename
-    maps a key on disk to model.py's name, or None to skip it; padded {name: shape} gives a
+    maps a key on disk to model.py's name, to (name, e) for expert e of a stacked (E, ...)
+    tensor stored one expert per key, or to None to skip it; padded {name: shape} gives a
     tensor a larger whole shape, whose part past the file's reads as zeros."""
-    source = {}
+    pieces, shapes = {}, {}
     for path in paths:
         if not os.path.exists(path):
             raise CheckpointError(f"{path}: missing weights file")
         with safe_open(path, "pt") as f:
             for key in f.keys():
-                if (name := rename(key)) is not None:
-                    shape = tuple(f.get_slice(key).get_shape())
-                    pieces = [(part_box(shape, None), partial(load_box, path, key))]
-                    shape = (padded or {}).get(name, shape)
-                    source[name] = (shape, partial(read_boxes, pieces, shape))
-    return source
+                if (name := rename(key)) is None:
+                    continue
+                shape, load = tuple(f.get_slice(key).get_shape()), partial(load_box, path, key)
+                if isinstance(name, tuple):  # expert e: the box [e, e + 1) of the stacked tensor
+                    name, e = name
+                    pieces.setdefault(name, []).append(([(e, e + 1), *part_box(shape, None)],
+                                                        lambda box, load=load: load(box[1:])[None]))
+                    shape = (max(e + 1, shapes.get(name, (0,))[0]), *shape)
+                else:
+                    pieces[name] = [(part_box(shape, None), load)]
+                shapes[name] = (padded or {}).get(name, shape)
+    return {name: (shape, partial(read_boxes, pieces[name], shape)) for name, shape in shapes.items()}
 
 
 def checkpoint_source(path, kind="model"):
@@ -251,12 +258,14 @@ def step_dirs(ckpt_dir):
 def snapshot(model, named, optimizer, grid, zero):
     """The pieces this rank writes, as CPU copies (what an asynchronous writer writes while
     training goes on): {"model" | "optimizer": [(name, whole shape, box, tensor)]}. A rank
-    writes its ZeRO slices or, without ZeRO, its whole part if it is dp and cp rank 0; a
+    writes its ZeRO slices or, without ZeRO, its whole part if it is dp and cp rank 0 (its
+    experts if it is in the first group of ep ranks); a
     tensor held whole by every tp rank (or a tied head, by both end stages) by one of them."""
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in Transformer(model.cfg).named_parameters()}
-    mine = named if zero else [(parallel.canonical(n, grid), p) for n, p in model.named_parameters()] \
-        if grid.dp_rank == grid.cp_rank == 0 else []
+    def writes(name):
+        return grid.cp_rank == 0 and (grid.dp_rank == 0 or name in grid.ep_sharded and grid.dp_rank < grid.ep)
+    mine = named if zero else [(parallel.canonical(n, grid), p) for n, p in model.named_parameters() if writes(n)]
     out = {"model": [], "optimizer": []}
     for name, t in mine:
         if not parallel.counts_once(name, grid):
@@ -438,17 +447,35 @@ HF_NAMES = [
     ("layers.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
     ("layers.{i}.mlp_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
     ("layers.{i}.attn.{w}.weight", "model.layers.{i}.self_attn.{w}.weight"),
+    ("layers.{i}.mlp.router.weight", "model.layers.{i}.block_sparse_moe.gate.weight"),  # Mixtral
     ("layers.{i}.mlp.{w}.weight", "model.layers.{i}.mlp.{w}.weight"),
     ("norm.weight", "model.norm.weight"),
     ("lm_head.weight", "lm_head.weight"),
 ]
+# transformers' Mamba (MambaForCausalLM): a backbone of mixers, each layer one norm and mixer.
+MAMBA_NAMES = [
+    ("embed.weight", "backbone.embeddings.weight"),
+    ("layers.{i}.mamba_norm.weight", "backbone.layers.{i}.norm.weight"),
+    ("layers.{i}.mamba.{p}", "backbone.layers.{i}.mixer.{p}"),  # {p}: conv1d.weight, A_log, ...
+    ("norm.weight", "backbone.norm_f.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+]
+# Mixtral stores each expert's projections apart; model.py stacks them: (name, e) <-> key.
+EXPERT_KEY = "model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"
+EXPERT_NAMES = {"gate_proj": "w1", "down_proj": "w2", "up_proj": "w3"}
 
 
-def hf_rename(name, reverse=False):
-    """Our name -> transformers' (or back with reverse); a KeyError for a name with no counterpart."""
-    for ours, theirs in HF_NAMES:
+def hf_rename(name, reverse=False, names=HF_NAMES):
+    """Our name -> transformers' (or back with reverse); a KeyError for a name with no counterpart.
+    A Mixtral expert's key gives (stacked name, expert index). names: MAMBA_NAMES for Mamba."""
+    expert = r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight"
+    if reverse and (m := re.fullmatch(expert, name)):
+        ours = {w: n for n, w in EXPERT_NAMES.items()}[m[3]]
+        return f"layers.{m[1]}.mlp.{ours}", int(m[2])
+    for ours, theirs in names:
         src, dst = (theirs, ours) if reverse else (ours, theirs)
         pattern = re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{w\}", r"(?P<w>\w+)")
+        pattern = pattern.replace(r"\{p\}", r"(?P<p>[\w.]+)")
         m = re.fullmatch(pattern, name)
         if m:
             return dst.format(**m.groupdict())
@@ -457,9 +484,17 @@ def hf_rename(name, reverse=False):
 
 def save_hf(model, out_dir, dtype=torch.float32):
     """Write config.json and model.safetensors that transformers' LlamaForCausalLM (or
-    Qwen3ForCausalLM when the model uses QK-norm) loads with equal logits."""
+    Qwen3ForCausalLM when the model uses QK-norm, MixtralForCausalLM when it has experts)
+    loads with equal logits."""
     c = model.cfg
+    if "M" in c.block_pattern:
+        return save_mamba_hf(model, out_dir, dtype)
     arch, model_type = ("Qwen3ForCausalLM", "qwen3") if c.qk_norm else ("LlamaForCausalLM", "llama")
+    if c.moe_experts:
+        if c.moe_every != 1 or c.moe_shared_experts or c.qk_norm:
+            raise CheckpointError("Mixtral has experts in every layer, no shared expert and no QK-norm: this model "
+                                  "(model.moe_every, moe_shared_experts, qk_norm) has no Hugging Face counterpart here")
+        arch, model_type = "MixtralForCausalLM", "mixtral"
     config = {
         "architectures": [arch], "model_type": model_type,
         "vocab_size": c.vocab_size, "hidden_size": c.d_model, "intermediate_size": c.d_ff,
@@ -471,9 +506,38 @@ def save_hf(model, out_dir, dtype=torch.float32):
         "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
         "mlp_bias": False, "initializer_range": c.init_std, "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    if c.moe_experts:  # Mixtral's intermediate_size is an expert's; it is dropless, like moe_capacity_factor 0
+        config.update(intermediate_size=c.moe_d_ff, num_local_experts=c.moe_experts,
+                      num_experts_per_tok=c.moe_top_k, router_aux_loss_coef=c.moe_aux_loss, sliding_window=None)
     # A tied head is the embedding: store it once, as transformers does; padded rows are cut.
-    tensors = {hf_rename(n): p.detach()[:c.vocab_size if n in ("embed.weight", "lm_head.weight") else None]
-               .to(dtype).contiguous().cpu() for n, p in model.named_parameters()}
+    tensors = {}
+    for n, p in model.named_parameters():
+        p = p.detach()[:c.vocab_size if n in ("embed.weight", "lm_head.weight") else None].to(dtype).cpu()
+        if p.dim() == 3:  # stacked experts, one key each
+            i, w = re.fullmatch(r"layers\.(\d+)\.mlp\.(\w+)", n).groups()
+            tensors.update({EXPERT_KEY.format(i=i, e=e, w=EXPERT_NAMES[w]): t.contiguous() for e, t in enumerate(p)})
+        else:
+            tensors[hf_rename(n)] = p.contiguous()
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+
+
+def save_mamba_hf(model, out_dir, dtype):
+    """MambaForCausalLM: pure Mamba models (every layer "M", no experts, a tied head)."""
+    c = model.cfg
+    if set(c.block_pattern.replace(" ", "")) != {"M"} or c.moe_experts or not c.tie_embeddings:
+        raise CheckpointError("transformers' Mamba has Mamba layers only, no experts and a tied head: this model "
+                              "(model.block_pattern, moe_experts, tie_embeddings) has no Hugging Face counterpart here")
+    config = {"architectures": ["MambaForCausalLM"], "model_type": "mamba", "vocab_size": c.vocab_size,
+              "hidden_size": c.d_model, "state_size": c.ssm_state, "num_hidden_layers": c.n_layers,
+              "layer_norm_epsilon": c.norm_eps, "expand": c.ssm_expand, "conv_kernel": c.ssm_conv,
+              "use_bias": False, "use_conv_bias": True, "hidden_act": "silu", "time_step_rank": c.ssm_dt_rank,
+              "tie_word_embeddings": True, "initializer_range": c.init_std,
+              "torch_dtype": str(dtype).removeprefix("torch.")}
+    tensors = {hf_rename(n, names=MAMBA_NAMES): p.detach()[:c.vocab_size if n == "embed.weight" else None]
+               .to(dtype).contiguous().cpu() for n, p in model.named_parameters() if n != "lm_head.weight"}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
@@ -481,9 +545,23 @@ def save_hf(model, out_dir, dtype=torch.float32):
 
 
 def config_from_hf(hf, where="config.json"):
-    """ModelConfig from a transformers config.json dict (Llama or Qwen3)."""
-    if hf.get("model_type") not in ("llama", "qwen3"):
-        raise CheckpointError(f"{where}: model_type {hf.get('model_type')!r} is not supported (llama, qwen3)")
+    """ModelConfig from a transformers config.json dict (Llama, Qwen3, Mixtral or Mamba)."""
+    if hf.get("model_type") not in ("llama", "qwen3", "mixtral", "mamba"):
+        raise CheckpointError(f"{where}: model_type {hf.get('model_type')!r} is not supported "
+                              "(llama, qwen3, mixtral, mamba)")
+    if hf["model_type"] == "mamba":
+        if hf.get("use_bias") or not hf.get("use_conv_bias", True) or hf.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"{where}: only Mamba without linear biases, with a conv bias and silu is supported")
+        rank = hf.get("time_step_rank", "auto")
+        return ModelConfig(
+            vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=1,
+            n_kv_heads=1, block_pattern="M" * hf["num_hidden_layers"], ssm_state=hf.get("state_size", 16),
+            ssm_conv=hf.get("conv_kernel", 4), ssm_expand=hf.get("expand", 2),
+            ssm_dt_rank=0 if rank == "auto" else rank,
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=hf.get("tie_word_embeddings", True),
+            max_seq_len=hf.get("max_position_embeddings", 2048))
+    if hf.get("sliding_window") and hf["sliding_window"] < hf.get("max_position_embeddings", 2048):
+        raise CheckpointError(f"{where}: sliding_window attention ({hf['sliding_window']}) is not supported")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise CheckpointError(f"{where}: RoPE scaling {rope.get('rope_type')!r} is not supported")
@@ -497,7 +575,9 @@ def config_from_hf(hf, where="config.json"):
         max_seq_len=hf.get("max_position_embeddings", 2048),
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
-        qk_norm=hf["model_type"] == "qwen3", init_std=hf.get("initializer_range", 0.02))
+        qk_norm=hf["model_type"] == "qwen3", init_std=hf.get("initializer_range", 0.02),
+        **(dict(moe_experts=hf["num_local_experts"], moe_top_k=hf["num_experts_per_tok"],
+                moe_aux_loss=hf.get("router_aux_loss_coef", 0.01)) if hf["model_type"] == "mixtral" else {}))
 
 
 def hf_source(hf_dir, cfg):
@@ -516,7 +596,7 @@ def hf_source(hf_dir, cfg):
         if "rotary_emb" in key or (cfg.tie_embeddings and key == "lm_head.weight"):
             return None  # RoPE's inv_freq is computed; some exports store a tied head twice
         try:
-            return hf_rename(key, reverse=True)
+            return hf_rename(key, reverse=True, names=MAMBA_NAMES if "M" in cfg.block_pattern else HF_NAMES)
         except KeyError:
             raise CheckpointError(f"{hf_dir}: tensor {key!r} has no counterpart in model.py") from None
     padded = dict.fromkeys(("embed.weight", "lm_head.weight"), (cfg.padded_vocab, cfg.d_model))

@@ -174,6 +174,9 @@ def config_from_dict(d, where="config"):
         except ValueError as e:  # ModelConfig's own checks
             raise ConfigError(f"{where}: {e}") from None
     cfg = Config(**built)
+    if "M" in cfg.model.block_pattern and cfg.data.doc_mask:
+        raise ConfigError(f"{where}: data.doc_mask with Mamba layers (model.block_pattern): the scan carries its "
+                          "state across documents; use data.doc_mask = false")
     if cfg.data.seq_len > cfg.model.max_seq_len:  # the RoPE tables hold max_seq_len positions
         raise ConfigError(f"{where}: data.seq_len = {cfg.data.seq_len} is longer than model.max_seq_len = "
                           f"{cfg.model.max_seq_len}")

@@ -12,6 +12,8 @@ autograd.Function that launches them, and a dispatcher that model.py calls:
     linear_cross_entropy(h, weight, targets)    LM head + loss in row chunks (Liger's FLCE)
     int8_linear(x, qweight, scales)             weight-only int8 / int4 linears for decoding, dequantized
     int4_linear(x, qweight, scales, zeros, g)   in registers (inference only: no autograd.Function)
+    grouped_matmul(x, w, counts)                each group of rows times its own weight: dropless MoE experts
+    selective_scan(x, dt, A, B, C, D)           Mamba's S6 recurrence, a chunked parallel scan over time
 
 The dispatcher picks:
 
@@ -982,3 +984,316 @@ def int4_linear(x, qweight, scales, zeros, group_size):
     if not use_triton(x):
         return int4_linear_ref(x, qweight, scales, zeros, group_size)
     return _quant_linear_launch(x, qweight, scales, zeros, group_size)
+
+
+# ----------------------------------------------------------------------------------------
+# Grouped matmul for dropless Mixture-of-Experts, after MegaBlocks (Gale et al. 2023) and
+# ScatterMoE (Tan et al. 2024): with tokens sorted by expert, one launch multiplies each
+# expert's rows, however many, by its weight. Dropless: no capacity, so no token is dropped and
+# no padded (experts, capacity, d) copy is made. A row tile never spans two groups (rows past
+# its group's end are masked); each program finds its group from counts on the device, so
+# nothing waits for the host: the grid is an upper bound, cdiv(T, BLOCK_M) + G tiles (a group
+# wastes at most one partial tile), and the surplus programs return at once.
+
+def grouped_matmul_ref(x, w, counts):
+    """x (T, K) rows sorted by group, w (G, N, K), counts (G,) summing to T -> y (T, N) with
+    y[rows of g] = x[rows of g] @ w[g].T."""
+    return torch.cat([xg @ wg.T for xg, wg in zip(x.split(counts.tolist()), w)])
+
+
+def _gmm_configs():
+    # The Triton matmul tutorial's tiles, BLOCK_M x BLOCK_N outputs over BLOCK_K steps (dW: BLOCK_N x
+    # BLOCK_K over BLOCK_M rows). The first four are wgmma on sm_90 in 16-bit, without spills
+    # (bench/compile_kernels.py); the last is for fp32 without TF32 (CUDA-core dots), where they spill.
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+                                  (32, 64, 32, 4, 2)]]
+
+
+# Keyed on sw_k too: the forward (sw_k = 1) and dx (sw_n = 1) read w in different orders.
+@_autotune(_gmm_configs(), triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}), key=["N", "K", "sw_k"])
+@triton.jit
+def _grouped_mm(X, W, Y, COUNTS, N, K, G, sx, sw_g, sw_n, sw_k, sy, G_POW2: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program: BLOCK_M rows of one group by BLOCK_N outputs, Y[rows] = X[rows] @ B with
+    B[k, n] at W + g * sw_g + n * sw_n + k * sw_k: w[g].T in the forward, w[g] itself for dx."""
+    tile = tl.program_id(0)
+    gs = tl.arange(0, G_POW2)
+    counts = tl.load(COUNTS + gs, mask=gs < G, other=0).to(tl.int64)
+    tile_ends = tl.cumsum((counts + BLOCK_M - 1) // BLOCK_M, 0)   # each group starts a new tile
+    before = tile_ends <= tile                                      # the groups wholly before this tile
+    g = tl.sum(before.to(tl.int32), 0)
+    if g >= G:
+        return
+    start = tl.sum(tl.where(before, counts, 0), 0)                  # the group's first row
+    end = start + tl.sum(tl.where(gs == g, counts, 0), 0)
+    rows = start + (tile - tl.max(tl.where(before, tile_ends, 0), 0)) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    W += g.to(tl.int64) * sw_g
+    in_group = rows[:, None] < end
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(X + rows[:, None] * sx + ks[None, :], mask=in_group & (ks[None, :] < K), other=0.0)
+        b = tl.load(W + ks[:, None] * sw_k + ns[None, :] * sw_n, mask=(ks[:, None] < K) & (ns[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    tl.store(Y + rows[:, None] * sy + ns[None, :], acc.to(Y.dtype.element_ty), mask=in_group & (ns[None, :] < N))
+
+
+@_autotune(_gmm_configs(), triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}), key=["N", "K"])
+@triton.jit
+def _grouped_mm_dw(DY, X, DW, COUNTS, N, K, G, sdy, sx, sdw_g, sdw_n, sdw_k, G_POW2: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program: a BLOCK_N x BLOCK_K tile of dW[g] = dy_g^T x_g, summed over the group's rows
+    in registers (no atomics, no partial sums in memory); an empty group's tile is written as 0."""
+    g = tl.program_id(0)
+    gs = tl.arange(0, G_POW2)
+    counts = tl.load(COUNTS + gs, mask=gs < G, other=0).to(tl.int64)
+    start = tl.sum(tl.where(gs < g, counts, 0), 0)
+    end = start + tl.sum(tl.where(gs == g, counts, 0), 0)
+    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        dy_t = tl.load(DY + rows[None, :] * sdy + ns[:, None], mask=(rows[None, :] < end) & (ns[:, None] < N),
+                       other=0.0)
+        x = tl.load(X + rows[:, None] * sx + ks[None, :], mask=(rows[:, None] < end) & (ks[None, :] < K), other=0.0)
+        acc = tl.dot(dy_t, x, acc, input_precision=PRECISION)
+    tl.store(DW + g.to(tl.int64) * sdw_g + ns[:, None] * sdw_n + ks[None, :] * sdw_k, acc.to(DW.dtype.element_ty),
+             mask=(ns[:, None] < N) & (ks[None, :] < K))
+
+
+def _grouped_mm_launch(x, w, counts, N, sw_n, sw_k):
+    """(T, N): x's rows of group g times B[k, n] = w[g] at n * sw_n + k * sw_k."""
+    (T, K), G = x.shape, w.shape[0]
+    y = torch.empty(T, N, device=x.device, dtype=x.dtype)
+    grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]) + G, triton.cdiv(N, m["BLOCK_N"]))  # noqa: E731
+    _grouped_mm[grid](x, w, y, counts, N, K, G, x.stride(0), w.stride(0), sw_n, sw_k, y.stride(0),
+                      G_POW2=triton.next_power_of_2(G), PRECISION=_dot_precision(x))
+    return y
+
+
+class _GroupedMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, counts):
+        x, counts = _rows(x), counts.contiguous()
+        ctx.save_for_backward(x, w, counts)
+        return _grouped_mm_launch(x, w, counts, w.shape[1], w.stride(1), w.stride(2))     # B = w[g].T
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, counts = ctx.saved_tensors
+        dy, (G, N, K) = _rows(dy), w.shape
+        dx = dw = None
+        if ctx.needs_input_grad[0]:   # dy_g @ w[g]: the forward kernel with w's strides swapped, no transposed copy
+            dx = _grouped_mm_launch(dy, w, counts, K, w.stride(2), w.stride(1))
+        if ctx.needs_input_grad[1]:
+            dw = torch.empty_like(w)
+            grid = lambda m: (G, triton.cdiv(N, m["BLOCK_N"]), triton.cdiv(K, m["BLOCK_K"]))  # noqa: E731
+            _grouped_mm_dw[grid](dy, x, dw, counts, N, K, G, dy.stride(0), x.stride(0), *dw.stride(),
+                                 G_POW2=triton.next_power_of_2(G), PRECISION=_dot_precision(x))
+        return dx, dw, None
+
+
+def grouped_matmul(x, w, counts):
+    """y (T, N), y[rows of g] = x[rows of g] @ w[g].T: x (T, K) sorted by group, w (G, N, K)
+    (nn.Linear's layout per group), counts (G,) int64 on x's device, summing to T (unchecked on
+    the Triton path: checking would wait for the device). w is cast to x's dtype."""
+    if x.ndim != 2 or w.ndim != 3 or x.shape[1] != w.shape[2] or counts.shape != w.shape[:1]:
+        raise ValueError(f"grouped_matmul: x {tuple(x.shape)}, w {tuple(w.shape)}, counts {tuple(counts.shape)}; "
+                         "want x (T, K), w (G, N, K), counts (G,)")
+    w = w.to(x.dtype)
+    if not use_triton(x):
+        return grouped_matmul_ref(x, w, counts)
+    return _GroupedMatmul.apply(x, w, counts)
+
+
+# ----------------------------------------------------------------------------------------
+# Selective scan, the S6 layer of Mamba (Gu & Dao 2023, Algorithm 2). Per channel c and state n,
+# h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t and y_t = C_t . h_t + D x_t (B discretised as dt B, as
+# mamba_ssm does, not by the zero-order hold). dt, B and C depend on the input, so unlike S4 there
+# is no convolution to compute: it is a linear recurrence, and two steps h -> a1 h + b1, then
+# h -> a2 h + b2, make one, (a1 a2, a2 b1 + b2). That composition is associative, so a parallel
+# prefix scan finds every h_t in log depth (Blelloch 1990; Martin & Cundy 2018 for linear
+# recurrences). A program scans a chunk of BLOCK_L steps of its BLOCK_D channels x N states at once
+# (tl.associative_scan) and carries the last state into the next chunk. As in the paper (section
+# 3.3.2) the (batch, L, d, N) states never reach memory: the backward recomputes a chunk's from the
+# state before it, kept for each chunk.
+
+def selective_scan_ref(x, dt, A, B, C, D, return_last_state=False):
+    """y (batch, L, d) in x's dtype, and with return_last_state also h_L (batch, d, N): x and dt
+    (batch, L, d), dt > 0 (softplus and bias already applied), A (d, N) < 0, B and C (batch, L, N),
+    D (d,). Step by step over time, the state in fp32 (fp64 for fp64 inputs): mamba_ssm's
+    selective_scan_ref with delta_softplus=False and no z or delta_bias."""
+    f = torch.promote_types(x.dtype, torch.float32)
+    xf, dt, A, B, C, D = (t.to(f) for t in (x, dt, A, B, C, D))
+    h = xf.new_zeros(x.shape[0], x.shape[2], A.shape[1])                                     # (batch, d, N)
+    ys = []
+    for t in range(x.shape[1]):
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * xf[:, t])[:, :, None] * B[:, t, None, :]
+        ys.append(torch.einsum("bdn,bn->bd", h, C[:, t]))
+    y = (torch.stack(ys, 1) + xf * D).to(x.dtype)                                            # (batch, L, d)
+    return (y, h) if return_last_state else y
+
+
+def _scan_blocks(n):
+    """(BLOCK_L steps, BLOCK_D channels) for n states: 8 x 4 under the interpreter, so 17 steps take
+    three chunks and 6 channels two blocks, the last ones partial. On a GPU 16 x 512 / n: for 16
+    states the backward fits in 255 registers at 8 warps, the forward at 4 or 8, without spills on
+    sm_90 and sm_80 (bench/compile_kernels.py). Only the warps are tuned: the tile shapes the
+    backward's buffers."""
+    return (8, 4) if INTERPRET else (16, max(8, 512 // triton.next_power_of_2(n)))
+
+
+@triton.jit
+def _scan_combine(a1, b1, a2, b2):
+    return a1 * a2, a2 * b1 + b2        # h -> a1 h + b1, then h -> a2 h + b2
+
+
+@triton.jit
+def _scan_tile(P, rows, cols, R, W):
+    """The rows < R and columns < W of the row-major (R, W) array at P, in fp32; 0 elsewhere."""
+    mask = (rows[:, None] < R) & (cols[None, :] < W)
+    return tl.load(P + rows[:, None] * W + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _scan_store(P, rows, cols, R, W, v):
+    tl.store(P + rows[:, None] * W + cols[None, :], v.to(P.dtype.element_ty),
+             mask=(rows[:, None] < R) & (cols[None, :] < W))
+
+
+@triton.jit
+def _scan_chunk(h0, x, dt, b, a):
+    """The states h_t (BLOCK_L, BLOCK_D, N) of a chunk after h0 (BLOCK_D, N), and u_t = dt_t B_t x_t.
+    Steps past L have dt = 0, so are h -> h: the last row is the state after the last real step."""
+    u = (dt * x)[:, :, None] * b[:, None, :]
+    decay, hs = tl.associative_scan((tl.exp(dt[:, :, None] * a[None, :, :]), u), 0, _scan_combine)
+    return decay * h0[None, :, :] + hs, u
+
+
+@triton.jit
+def _scan_row(v, i, BLOCK_L: tl.constexpr):
+    """v[i] of a (BLOCK_L, ...) tile (registers cannot be indexed: a masked sum over the rows)."""
+    return tl.sum(tl.where(tl.arange(0, BLOCK_L)[:, None, None] == i, v, 0.0), 0)
+
+
+@_autotune([triton.Config({}, num_warps=w) for w in (4, 8)], triton.Config({}), key=["DIM", "NSTATE", "ALL_STATES"])
+@triton.jit
+def _selective_scan_fwd(X, DT, A, B, C, D, Y, H, L, DIM, NSTATE, N_POW2: tl.constexpr, ALL_STATES: tl.constexpr,
+                        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program: BLOCK_D channels of one sequence, all N states, one chunk of time after another.
+    Writes y and the last state, H (batch, d, N); ALL_STATES (for the backward): no y, and the state
+    before every chunk, H (batch, chunks, d, N)."""
+    bi = tl.program_id(0).to(tl.int64)                  # int64: bi * L * DIM can pass 2^31
+    cs, ns = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D), tl.arange(0, N_POW2)
+    X, DT, Y, B, C = X + bi * L * DIM, DT + bi * L * DIM, Y + bi * L * DIM, B + bi * L * NSTATE, C + bi * L * NSTATE
+    a = _scan_tile(A, cs, ns, DIM, NSTATE)                                                # (BLOCK_D, N)
+    d = tl.load(D + cs, mask=cs < DIM, other=0.0).to(tl.float32)
+    h = tl.zeros([BLOCK_D, N_POW2], tl.float32)
+    chunks, hmask = tl.cdiv(L, BLOCK_L), (cs[:, None] < DIM) & (ns[None, :] < NSTATE)
+    for k in range(chunks):
+        t = k * BLOCK_L + tl.arange(0, BLOCK_L)
+        if ALL_STATES:
+            tl.store(H + ((bi * chunks + k) * DIM + cs[:, None]) * NSTATE + ns[None, :], h, mask=hmask)
+        x, dt = _scan_tile(X, t, cs, L, DIM), _scan_tile(DT, t, cs, L, DIM)                # (BLOCK_L, BLOCK_D)
+        hs, _ = _scan_chunk(h, x, dt, _scan_tile(B, t, ns, L, NSTATE), a)
+        h = _scan_row(hs, BLOCK_L - 1, BLOCK_L)                  # carried into the next chunk
+        if not ALL_STATES:
+            _scan_store(Y, t, cs, L, DIM, tl.sum(hs * _scan_tile(C, t, ns, L, NSTATE)[:, None, :], 2) + d * x)
+    if not ALL_STATES:
+        tl.store(H + (bi * DIM + cs[:, None]) * NSTATE + ns[None, :], h, mask=hmask)
+
+
+@_autotune([triton.Config({}, num_warps=8)], triton.Config({}), key=["DIM", "NSTATE"])
+@triton.jit
+def _selective_scan_bwd(X, DT, A, B, C, D, DY, H, DX, DDT, DA, DB, DC, DD, L, DIM, NSTATE, N_POW2: tl.constexpr,
+                        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program: BLOCK_D channels of one sequence, chunks last to first. A chunk's states are
+    recomputed from H (the forward's ALL_STATES), then g_t = dLoss/dh_t by the reverse recurrence
+    g_t = C_t dy_t + exp(dt_{t+1} A) g_{t+1}, a scan run backwards. Written: dx, ddt; DA (batch, d, N)
+    and DD (batch, d) summed over time, DB and DC (batch, blocks, L, N) over the block's channels, for
+    the launcher to sum over the rest: no atomics, so the gradients are reproducible."""
+    bi, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    cs, ns = blk * BLOCK_D + tl.arange(0, BLOCK_D), tl.arange(0, N_POW2)
+    off, part = bi * L * DIM, (bi * tl.num_programs(1) + blk) * L * NSTATE
+    X, DT, DY, DX, DDT = X + off, DT + off, DY + off, DX + off, DDT + off
+    B, C, DB, DC = B + bi * L * NSTATE, C + bi * L * NSTATE, DB + part, DC + part
+    a = _scan_tile(A, cs, ns, DIM, NSTATE)
+    d = tl.load(D + cs, mask=cs < DIM, other=0.0).to(tl.float32)
+    g = tl.zeros([BLOCK_D, N_POW2], tl.float32)          # dLoss/dh at the first step of the next chunk
+    da, dd = tl.zeros([BLOCK_D, N_POW2], tl.float32), tl.zeros([BLOCK_D], tl.float32)
+    chunks, hmask = tl.cdiv(L, BLOCK_L), (cs[:, None] < DIM) & (ns[None, :] < NSTATE)
+    for j in range(chunks):
+        k = chunks - 1 - j
+        t = k * BLOCK_L + tl.arange(0, BLOCK_L)
+        x, dt, dy = _scan_tile(X, t, cs, L, DIM), _scan_tile(DT, t, cs, L, DIM), _scan_tile(DY, t, cs, L, DIM)
+        b, c = _scan_tile(B, t, ns, L, NSTATE), _scan_tile(C, t, ns, L, NSTATE)
+        h0 = tl.load(H + ((bi * chunks + k) * DIM + cs[:, None]) * NSTATE + ns[None, :], mask=hmask, other=0.0)
+        hs, u = _scan_chunk(h0, x, dt, b, a)
+        # g_t's coefficient is the next step's decay: dt read one step ahead (0 past L, where g is 0).
+        decay_next = tl.exp(_scan_tile(DT, t + 1, cs, L, DIM)[:, :, None] * a[None, :, :])
+        decay, gs = tl.associative_scan((decay_next, dy[:, :, None] * c[:, None, :]), 0, _scan_combine, reverse=True)
+        gs = decay * g[None, :, :] + gs
+        g = _scan_row(gs, 0, BLOCK_L)
+        # h_t = exp(dt_t A) h_{t-1} + u_t: dLoss/du_t = g_t, and dLoss/d(dt_t A) = g_t exp(dt_t A) h_{t-1},
+        # which is g_t (h_t - u_t): no shifted copy of the states.
+        g_dta = gs * (hs - u)
+        g_b = tl.sum(gs * b[:, None, :], 2)                                                # sum_n g_t B_t
+        _scan_store(DX, t, cs, L, DIM, g_b * dt + d * dy)
+        _scan_store(DDT, t, cs, L, DIM, tl.sum(g_dta * a[None, :, :], 2) + g_b * x)
+        _scan_store(DB, t, ns, L, NSTATE, tl.sum(gs * (dt * x)[:, :, None], 1))
+        _scan_store(DC, t, ns, L, NSTATE, tl.sum(hs * dy[:, :, None], 1))
+        da += tl.sum(g_dta * dt[:, :, None], 0)
+        dd += tl.sum(dy * x, 0)
+    tl.store(DA + (bi * DIM + cs[:, None]) * NSTATE + ns[None, :], da, mask=hmask)
+    tl.store(DD + bi * DIM + cs, dd, mask=cs < DIM)
+
+
+def _scan_launch(kernel, *tensors, **constexprs):
+    """kernel over (batch, channel blocks); tensors start with x, dt, A, B, C, D."""
+    (nb, L, dim), N = tensors[0].shape, tensors[2].shape[1]
+    block_l, block_d = _scan_blocks(N)
+    kernel[(nb, triton.cdiv(dim, block_d))](*tensors, L, dim, N, N_POW2=triton.next_power_of_2(N),
+                                            BLOCK_L=block_l, BLOCK_D=block_d, **constexprs)
+
+
+class _SelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D):
+        ins = [t.contiguous() for t in (x, dt, A, B, C, D)]
+        y, last = torch.empty_like(ins[0]), x.new_empty(x.shape[0], x.shape[2], A.shape[1], dtype=torch.float32)
+        _scan_launch(_selective_scan_fwd, *ins, y, last, ALL_STATES=False)
+        ctx.save_for_backward(*ins)
+        ctx.mark_non_differentiable(last)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, dy, _):
+        x, dt, A, B, C, D = ins = ctx.saved_tensors
+        (nb, L, dim), N = x.shape, A.shape[1]
+        (block_l, block_d), f32 = _scan_blocks(N), dict(device=x.device, dtype=torch.float32)
+        states = torch.empty(nb, triton.cdiv(L, block_l), dim, N, **f32)     # for this backward only
+        _scan_launch(_selective_scan_fwd, *ins, x, states, ALL_STATES=True)
+        dx, ddt = torch.empty_like(x), torch.empty_like(dt)
+        dA, dD = torch.empty(nb, dim, N, **f32), torch.empty(nb, dim, **f32)
+        dB, dC = (torch.empty(nb, triton.cdiv(dim, block_d), L, N, **f32) for _ in range(2))
+        _scan_launch(_selective_scan_bwd, *ins, dy.contiguous(), states, dx, ddt, dA, dB, dC, dD)
+        return dx, ddt, dA.sum(0).to(A.dtype), dB.sum(1).to(B.dtype), dC.sum(1).to(C.dtype), dD.sum(0).to(D.dtype)
+
+
+def selective_scan(x, dt, A, B, C, D, return_last_state=False):
+    """Mamba's selective scan, shapes as selective_scan_ref: y (batch, L, d) in x's dtype, and with
+    return_last_state also h_L (batch, d, N) in fp32, for a decoding cache. Differentiable in x, dt,
+    A, B, C and D; on the Triton path h_L is not (no gradient flows back through it)."""
+    N = A.shape[-1]
+    if (x.ndim != 3 or dt.shape != x.shape or A.shape != (x.shape[2], N) or B.shape != (*x.shape[:2], N)
+            or C.shape != B.shape or D.shape != x.shape[2:]):
+        raise ValueError(f"selective_scan: x {tuple(x.shape)}, dt {tuple(dt.shape)}, A {tuple(A.shape)}, "
+                         f"B {tuple(B.shape)}, C {tuple(C.shape)}, D {tuple(D.shape)}; want x and dt (batch, L, d), "
+                         "A (d, N), B and C (batch, L, N), D (d,)")
+    if not use_triton(x):
+        return selective_scan_ref(x, dt, A, B, C, D, return_last_state)
+    y, last = _SelectiveScan.apply(x, dt, A, B, C, D)
+    return (y, last) if return_last_state else y

@@ -28,7 +28,7 @@ import checkpoint
 import data
 import fused
 from config import Config, DataConfig, load_config, number, to_toml
-from model import KVCache, Transformer
+from model import KVCache, MambaCache, Transformer
 from prep.tokenizer import BOS, EOS, chat_text
 
 
@@ -36,15 +36,19 @@ from prep.tokenizer import BOS, EOS, chat_text
 # The KV cache, prefill and one decode step
 
 def setup_caches(model, batch, max_len):
-    """A KVCache of max_len positions in every attention layer."""
+    """A KVCache of max_len positions in every attention layer, a MambaCache (a state of
+    fixed size) in every Mamba layer."""
     p, c = next(model.parameters()), model.cfg
     for block in model.layers:
-        block.attn.cache = KVCache(batch, c.n_kv_heads, max_len, c.head_dim, p.dtype, p.device)
+        if hasattr(block, "attn"):
+            block.attn.cache = KVCache(batch, c.n_kv_heads, max_len, c.head_dim, p.dtype, p.device)
+        else:
+            block.mamba.cache = MambaCache(batch, c, p.dtype, p.device)
 
 
 def clear_caches(model):
     for block in model.layers:
-        block.attn.cache = None
+        (block.attn if hasattr(block, "attn") else block.mamba).cache = None
 
 
 def prefill(model, ids, starts):
@@ -171,6 +175,9 @@ def speculative_decode(model, draft, prompt, max_new_tokens, k=4, temperature=0.
     max(0, p_model - p_draft) renormalised, and when all k are kept the model's next token
     comes free: the output follows the model's distribution exactly (Leviathan et al. 2023;
     Chen et al. 2023). At temperature 0 both are one-hot: the model's greedy tokens."""
+    if any("M" in m.cfg.block_pattern for m in (model, draft)):
+        raise ValueError("speculative decoding takes back refused tokens by position, which a KV cache allows "
+                         "and a Mamba layer's running state does not: use models without Mamba layers")
     if draft.cfg.vocab_size != model.cfg.vocab_size:
         raise ValueError(f"the draft's vocabulary ({draft.cfg.vocab_size} tokens) is not the model's "
                          f"({model.cfg.vocab_size}): a draft needs the same tokenizer")
@@ -270,13 +277,15 @@ class QuantizedLinear(nn.Module):
 def quantize(model, how, group_size=128):
     """Swap every block's linear layers for QuantizedLinear, in place. The embedding, norms
     and head stay in floating point (a tied head is the embedding, looked up, not multiplied;
-    llama.cpp keeps the output layer at higher precision too). Works on the meta device."""
+    llama.cpp keeps the output layer at higher precision too), and so do a MoE layer's router
+    (a rounding could change which experts a token gets) and its stacked experts (not
+    linear layers: unfinished). Works on the meta device."""
     if how not in ("int8", "int4"):
         raise ValueError(f"quantize: {how!r} is not int8 or int4")
     for block in model.layers:
         for part in (block.attn, block.mlp):
             for name, child in list(part.named_children()):
-                if isinstance(child, nn.Linear):
+                if isinstance(child, nn.Linear) and name != "router":
                     setattr(part, name, QuantizedLinear(child.weight, how, group_size))
     model.quantized = {"quantize": how, "group_size": str(group_size)}
     return model

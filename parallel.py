@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fused
-from model import document_starts
+from model import MoE, document_starts
 
 VERBOSE = os.environ.get("PARALLEL_VERBOSE") == "1"  # print pipeline transfers and bucket launches
 
@@ -53,15 +53,18 @@ class Grid:
     pp: int = 1
     cp: int = 1
     tp: int = 1
+    ep: int = 1          # expert parallel: experts split over groups of ep consecutive dp ranks
+    ep_rank: int = 0
     dp_rank: int = 0
     pp_rank: int = 0
     cp_rank: int = 0
     tp_rank: int = 0
-    groups: dict = field(default_factory=dict)   # "tp", "cp", "pp", "dp", "dp_cp", "embed" -> group
+    groups: dict = field(default_factory=dict)   # "tp", "cp", "pp", "dp", "dp_cp", "embed", "ep", "edp_cp" -> group
     ranks: dict = field(default_factory=dict)    # the same keys -> global ranks in the group
     sequence_parallel: bool = False
     tp_sharded: dict = field(default_factory=dict)  # parameter name -> dim it is split along over tp
     tp_partial: set = field(default_factory=set)    # replicated parameters whose grads are partial sums
+    ep_sharded: set = field(default_factory=set)    # stacked experts, split along dim 0 over ep
     tied_head: bool = False                         # lm_head.weight is embed.weight
 
     @property
@@ -100,7 +103,16 @@ def check_layout(p, model_cfg, data_cfg, world):
          "for sequence parallelism"),
         (p.pp == 1 or data_cfg.micro_batch % microbatches(p, data_cfg.micro_batch) == 0,
          f"data.micro_batch={data_cfg.micro_batch} is not divisible by parallel.microbatches={p.microbatches}"),
-        (p.ep == 1, "parallel.ep > 1 needs a Mixture-of-Experts model"),
+        ("M" not in m.block_pattern or p.tp == p.cp == 1, f"parallel.tp={p.tp}, parallel.cp={p.cp} with Mamba "
+         "layers (model.block_pattern): their scan is not split over ranks; use tp = cp = 1 (dp and pp work)"),
+        (p.ep == 1 or m.moe_experts, "parallel.ep > 1 needs a Mixture-of-Experts model (model.moe_experts)"),
+        (dp % p.ep == 0, f"parallel.ep={p.ep} does not divide parallel.dp={dp}: expert-parallel ranks are "
+                         "data-parallel ranks"),
+        (m.moe_experts % p.ep == 0, f"model.moe_experts={m.moe_experts} is not divisible by parallel.ep={p.ep}"),
+        (p.ep == 1 or not m.moe_capacity_factor, "parallel.ep > 1 runs the experts dropless: set "
+                                                  "model.moe_capacity_factor = 0"),
+        (p.ep == 1 or not p.zero, f"parallel.ep={p.ep} with parallel.zero={p.zero}: expert parameters are reduced "
+                                  "over their own group, outside ZeRO's buckets; use parallel.zero = 0"),
         # ZeRO-3 gathers a block's parameters around each use; a pipeline would gather them
         # again for every micro-batch in flight (DeepSpeed does not combine the two either).
         (p.zero < 3 or p.pp == 1, f"parallel.zero=3 with parallel.pp={p.pp}: use parallel.zero = 1 or 2 with pp"),
@@ -121,18 +133,23 @@ def make_grid(p, model_cfg, data_cfg):
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     dp = check_layout(p, model_cfg, data_cfg, world)
-    grid = Grid(dp=dp, pp=p.pp, cp=p.cp, tp=p.tp, sequence_parallel=p.sequence_parallel and p.tp > 1)
+    grid = Grid(dp=dp, pp=p.pp, cp=p.cp, tp=p.tp, ep=p.ep, sequence_parallel=p.sequence_parallel and p.tp > 1)
     layout = torch.arange(world).view(dp, p.pp, p.cp, p.tp)  # tp innermost: neighbours share the fastest links
     grid.dp_rank, grid.pp_rank, grid.cp_rank, grid.tp_rank = (layout == rank).nonzero()[0].tolist()
-    axes = {"dp": (0,), "pp": (1,), "cp": (2,), "tp": (3,), "dp_cp": (0, 2)}
-    for name, dims in axes.items():
-        # Fix the other axes, run along these: each line of ranks is one group.
-        rest = [d for d in range(4) if d not in dims]
-        lines = layout.permute(*rest, *dims).reshape(-1, math.prod(layout.shape[d] for d in dims))
-        for line in lines.tolist():
-            group = dist.new_group(line) if dist.is_initialized() and len(line) > 1 else None
-            if rank in line:
-                grid.groups[name], grid.ranks[name] = group, line
+    grid.ep_rank = grid.dp_rank % p.ep
+    # dp split as (dp / ep) x ep: "ep" runs along consecutive dp ranks, "edp_cp" along the
+    # ranks that hold the same experts (and the cp ranks), where expert gradients are summed.
+    axes = [(layout, {"dp": (0,), "pp": (1,), "cp": (2,), "tp": (3,), "dp_cp": (0, 2)}),
+            (layout.view(dp // p.ep, p.ep, p.pp, p.cp, p.tp), {"ep": (1,), "edp_cp": (0, 3)} if p.ep > 1 else {})]
+    for ranks, names in axes:
+        for name, dims in names.items():
+            # Fix the other axes, run along these: each line of ranks is one group.
+            rest = [d for d in range(ranks.dim()) if d not in dims]
+            lines = ranks.permute(*rest, *dims).reshape(-1, math.prod(ranks.shape[d] for d in dims))
+            for line in lines.tolist():
+                group = dist.new_group(line) if dist.is_initialized() and len(line) > 1 else None
+                if rank in line:
+                    grid.groups[name], grid.ranks[name] = group, line
     # Checkpoint writers wait for each other from a background thread: on a gloo group of
     # their own, never in the way of the training collectives.
     grid.groups["ckpt"] = dist.new_group(backend="gloo") if dist.is_initialized() and world > 1 else None
@@ -372,7 +389,13 @@ def apply_tensor_parallel(model, grid):
             for name, child in list(part.named_children()):
                 if name in COLUMN or name in ROW:
                     setattr(part, name, (ColumnParallelLinear if name in COLUMN else RowParallelLinear)(child, grid))
-        block.attn_norm, block.mlp_norm = NormIntoTP(block.attn_norm, grid), NormIntoTP(block.mlp_norm, grid)
+        block.attn_norm = NormIntoTP(block.attn_norm, grid)
+        if isinstance(block.mlp, MoE):  # experts stay whole, outside the tp region (Megatron's expert tp = 1):
+            # under sequence parallelism each rank routes its own slice of the sequence, else all of it
+            if grid.sequence_parallel:
+                grid.tp_partial |= {f"layers.{i}.{n}" for n, _ in block.named_parameters() if n.startswith("mlp")}
+        else:
+            block.mlp_norm = NormIntoTP(block.mlp_norm, grid)
         if hasattr(block.attn, "q_norm"):  # QK-norm sees only this rank's heads
             grid.tp_partial |= {f"layers.{i}.attn.q_norm.weight", f"layers.{i}.attn.k_norm.weight"}
         if grid.sequence_parallel:  # norms see only this rank's slice of the sequence
@@ -624,8 +647,66 @@ def parallelize(model, grid, p):
             block.attn.attn_fn = partial(ring_attention, grid=grid)
     if grid.pp > 1:
         apply_pipeline(model, grid)
+    for name, module in model.named_modules():  # the balance loss of the whole batch, wherever it is split
+        if isinstance(module, MoE):
+            module.reduce_counts = partial(moe_counts, grid=grid)
+            module.aux_scale = 1 / grid.tp if grid.sequence_parallel else 1.0  # tp ranks' partial grads add up
+            if grid.ep > 1:
+                apply_expert_parallel(name, module, grid)
     model.recompute = p.recompute
     return model
+
+
+# Expert parallelism (GShard, Lepikhin et al. 2020): rank r of an ep group keeps experts
+# [r E/ep, (r+1) E/ep). A MoE layer's rows, sorted by expert, go to the ranks holding their
+# experts in one all-to-all with uneven splits and come back in a second one; the router,
+# attention and everything else stay data-parallel. An expert's gradient sums the tokens of
+# its whole ep group, then the groups holding the same experts (edp_cp) add theirs.
+
+class AllToAll(torch.autograd.Function):
+    """send[i] rows of x to rank i of group, recv[i] rows from it; backward sends the rows'
+    gradients back the same way reversed."""
+
+    @staticmethod
+    def forward(ctx, x, send, recv, group):
+        ctx.args = (recv, send, group)
+        out = x.new_empty(sum(recv), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllToAll.apply(grad, *ctx.args), None, None, None
+
+
+def apply_expert_parallel(name, moe, grid):
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        setattr(moe, proj, nn.Parameter(getattr(moe, proj).detach().chunk(grid.ep)[grid.ep_rank].clone()))
+        grid.ep_sharded.add(f"{name}.{proj}")
+    moe.run_experts = partial(all_to_all_experts, moe, grid)
+
+
+def all_to_all_experts(moe, grid, xs, counts):
+    """MoE.run_experts across ranks: xs (rows, d) sorted by global expert, counts (E,) -> the
+    experts' outputs in the same order. The split sizes are needed on the host: one sync."""
+    group, ep = grid.groups["ep"], grid.ep
+    local = counts.numel() // ep
+    got = torch.empty_like(counts)
+    dist.all_to_all_single(got, counts, group=group)          # (ep * local,): rows per (source, my expert)
+    send, recv = counts.view(ep, local).sum(1).tolist(), got.view(ep, local).sum(1).tolist()
+    rows = AllToAll.apply(xs, send, recv, group)              # grouped by source rank, then by my expert
+    expert = torch.arange(local, device=xs.device).repeat(ep).repeat_interleave(got)
+    order = expert.argsort(stable=True)                       # grouped by my expert
+    out = moe.expert_swiglu(rows[order], got.view(ep, local).sum(0))[order.argsort()]
+    return AllToAll.apply(out, recv, send, group)
+
+
+def moe_counts(counts, grid):
+    """Tokens per expert summed over the ranks that split the batch (dp, cp; tp under sequence
+    parallelism). Each rank's balance loss then uses the global shares f_i with its own P_i,
+    and the data-parallel average of those losses is the global batch's loss."""
+    counts = all_reduce(counts, grid.groups.get("dp_cp"))
+    return all_reduce(counts, grid.groups.get("tp")) if grid.sequence_parallel else counts
 
 
 # ----------------------------------------------------------------------------------------
@@ -688,7 +769,8 @@ class DataParallel:
         if self.n == 1:
             return
         device = next(model.parameters()).device
-        params = list(model.named_parameters())
+        params = [(n, p) for n, p in model.named_parameters() if n not in grid.ep_sharded]  # finish_grads's
+        self.unbucketed = [p for n, p in model.named_parameters() if n in grid.ep_sharded]
         deferred = grid.tp_partial | ({"embed.weight", "lm_head.weight"} if grid.tied_head and grid.pp > 1 else set())
         if self.zero == 3:  # one bucket per block; its cross-tp sums are made on the slices (finish)
             blocks = list(model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers)
@@ -826,6 +908,8 @@ class DataParallel:
     def zero_grad(self, model):
         if not self.buckets:
             return model.zero_grad(set_to_none=True)
+        for p in self.unbucketed:
+            p.grad = None
         for bucket in self.buckets:
             if bucket.grad.untyped_storage().size() == 0 and not bucket.sharded:
                 _resize(bucket.grad, True)
@@ -883,6 +967,7 @@ def forward_backward(model, grid, dp, batches, pcfg, autocast=contextlib.nullcon
         seq = batches[0][0].shape[1] // (grid.tp if grid.sequence_parallel else 1)
         param = next(model.parameters())
         pipe = Pipe(grid, (len(x0) // m, seq, model.cfg.d_model), param.dtype, x0.device)
+        set_router_loss_scale(model, 1.0 / len(chunks))
         if backward:  # reduce gradients only during the very last backward of the step
             dp.sync = False
             loss = pipeline_schedule(model, grid, chunks, pos, 1.0 / len(chunks), pcfg.pp_schedule, pipe,
@@ -894,6 +979,7 @@ def forward_backward(model, grid, dp, batches, pcfg, autocast=contextlib.nullcon
         loss = all_reduce(loss, grid.groups.get("pp"))  # the loss is known on the last stage only
     else:
         loss = torch.zeros((), device=x0.device)
+        set_router_loss_scale(model, 1.0 / len(batches))
         for k, ((x, y), doc_starts) in enumerate(zip(batches, starts)):
             dp.sync = k == len(batches) - 1
             with torch.set_grad_enabled(backward), autocast:
@@ -906,6 +992,13 @@ def forward_backward(model, grid, dp, batches, pcfg, autocast=contextlib.nullcon
     if backward:
         finish_grads(model, grid, dp)
     return loss
+
+
+def set_router_loss_scale(model, scale):
+    """MoE router losses enter backward with the scale of the loss they are added to."""
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.loss_scale = scale
 
 
 def forward_only_pipeline(model, grid, chunks, pos, pipe, autocast):
@@ -930,6 +1023,9 @@ def finish_grads(model, grid, dp):
     for name in sorted(grid.tp_partial):
         if name in params:
             all_reduce(params[name].grad, grid.groups.get("tp"))
+    for name in sorted(grid.ep_sharded):  # outside the buckets: each rank's grad already sums its ep group's tokens
+        if name in params:
+            all_reduce(params[name].grad, grid.groups.get("edp_cp")).div_(grid.dp * grid.cp)
     if grid.tied_head and grid.pp > 1:
         name = "embed.weight" if grid.first else "lm_head.weight"
         all_reduce(params[name].grad, grid.groups.get("embed"))
@@ -946,10 +1042,11 @@ def counts_once(name, grid):
 
 def clip_grad_norm(named, max_norm, grid, zero):
     """Global gradient norm over every shard in the grid; clip to max_norm (0: no clipping)."""
-    grads = [t.grad for n, t in named if t.grad is not None and counts_once(n, grid)]
-    sq = torch.zeros((), device=named[0][1].device)
-    for g in grads:
-        sq += g.float().pow(2).sum()
+    sq, experts = (torch.zeros((), device=named[0][1].device) for _ in range(2))
+    for n, t in named:
+        if t.grad is not None and counts_once(n, grid):
+            (experts if n in grid.ep_sharded else sq).add_(t.grad.float().pow(2).sum())
+    sq += all_reduce(experts, grid.groups.get("ep"))  # each ep rank holds other experts
     for axis in ("tp", "pp") + (("dp_cp",) if zero else ()):
         sq = all_reduce(sq, grid.groups.get(axis))
     norm = sq.sqrt()
@@ -973,6 +1070,8 @@ def canonical(name, grid):
 def shard_spec(name, grid):
     """Which part of the whole tensor this rank holds for parameter name: (dim, index, count),
     its index-th of count chunks along dim; None: all of it."""
+    if name in grid.ep_sharded:  # experts stay whole under tp
+        return 0, grid.ep_rank, grid.ep
     dim = grid.tp_sharded.get(name)
     return None if dim is None else (dim, grid.tp_rank, grid.tp)
 

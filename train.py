@@ -33,19 +33,21 @@ import eval as evaluation
 import fused
 import parallel
 from config import Config, ConfigError, OptimConfig, TrainConfig, load_config, to_toml
-from model import Transformer
+from model import MoE, Transformer
 
 
 # ----------------------------------------------------------------------------------------
 # Optimizer and learning-rate schedule
 
 def build_optimizer(named, o: OptimConfig, device):
-    """AdamW over (name, tensor) pairs; weight decay only on matrices of the blocks and the
-    head. Norm gains and embeddings are not decayed: shrinking them toward 0 is not a
-    useful prior (GPT-3, nanoGPT); a tied head is the embedding and follows it."""
+    """AdamW over (name, tensor) pairs; weight decay only on matrices of the blocks (stacked
+    experts, the router and Mamba's convolution included) and the head. Norm gains,
+    embeddings and Mamba's A_log and D are not decayed: shrinking them toward 0 is not a
+    useful prior (GPT-3, nanoGPT; Mamba's reference code); a tied head follows the embedding."""
     decay, no_decay = [], []
+    matrices = ("proj.weight", "_proj", "router.weight", "conv1d.weight")
     for name, p in named:
-        (decay if name.endswith("proj.weight") or name == "lm_head.weight" else no_decay).append(p)
+        (decay if name.endswith(matrices) or name == "lm_head.weight" else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                              fused=device.type == "cuda")
@@ -412,14 +414,39 @@ def log_step(run, loss, grad_norm, dt, tokens_per_step, flops_per_token, peak):
         epochs = run.loader.epochs()
         rec.update({f"tokens/{n}": w * cfg.data.seq_len for n, w in run.loader.windows.items()})
         rec.update({f"epochs/{n}": e for n, e in epochs.items()})
+    moe = router_stats(run.model, cfg.model.moe_experts, next(run.model.parameters()).device)
+    rec.update(moe)
+    moe_text = (f" | router balance {moe['moe_balance']:.3f} z {moe['moe_z_loss']:.2f} | expert load "
+                f"{min(moe['moe_load']):.2f}-{max(moe['moe_load']):.2f} | dropped {moe['moe_dropped']:.1%}"
+                if moe else "")
     run.log.write(rec, f"step {step:>6}/{cfg.optim.steps} | loss {loss:.4f} | lr {rec['lr']:.2e} | grad "
-                       f"{grad_norm:.3f} | {rec['tokens_per_s'] / 1e3:.1f}k tok/s{mfu} | eta {eta}")
+                       f"{grad_norm:.3f}{moe_text} | {rec['tokens_per_s'] / 1e3:.1f}k tok/s{mfu} | eta {eta}")
     for name, e in (epochs.items() if isinstance(run.loader, data.Mixture) else ()):
         if int(e) > run.counters.setdefault("epochs_reported", {}).get(name, 0):
             run.counters["epochs_reported"][name] = int(e)
             run.log.write({"step": step, "event": "repeat", "source": name, "epoch": int(e) + 1},
                           f"step {step:>6} | source {name} starts epoch {int(e) + 1}: its data repeats (up to about 4 "
                           "epochs is worth nearly as much as new data, Muennighoff et al. 2023; past that, less)")
+
+
+def router_stats(model, n_experts, device):
+    """The MoE routers since the last log, over every layer and rank: the mean balance loss
+    (1: even) and z-loss, each expert's share of the token choices times E (1: even) and the
+    share of choices dropped at capacity. Every rank calls it (one all-reduce)."""
+    if not n_experts:
+        return {}
+    total = torch.zeros(4 + n_experts, device=device)
+    for m in model.modules():
+        if isinstance(m, MoE) and m.stats is not None:
+            total += m.stats.to(device)
+            m.stats = None
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    (balance, z, dropped, n), counts = total[:4].tolist(), total[4:]
+    share = counts / counts.sum().clamp(min=1)
+    return {"moe_balance": balance / max(n, 1), "moe_z_loss": z / max(n, 1),
+            "moe_load": [round(x, 4) for x in (share * n_experts).tolist()],
+            "moe_dropped": dropped / max(counts.sum().item(), 1)}
 
 
 def validate(run):

@@ -81,6 +81,17 @@ def record_launches(dtype, head_dims):
         fused.int8_linear(x, torch.zeros(4096, 4096, dtype=torch.int8), torch.ones(4096))
         scales, zeros = torch.ones(4096, 32), torch.zeros(4096, 32)   # group size 128, the default
         fused.int4_linear(x, torch.zeros(4096, 2048, dtype=torch.uint8), scales, zeros, 128)
+        # 8 experts' up-projections (d 1024 -> 2048), 64 tokens each: forward, dx (the forward
+        # kernel reading w in the other order) and dW.
+        x, w = torch.randn(512, 1024, dtype=dtype, requires_grad=True), torch.randn(8, 2048, 1024, dtype=dtype,
+                                                                                     requires_grad=True)
+        backward(fused.grouped_matmul(x, w, torch.full((8,), 64)), x, w)
+        # A Mamba block's selective scan (d_inner 2048, 16 states, 512 steps): the forward, the
+        # backward's replay of it for the chunk states (ALL_STATES), and the backward.
+        x, dt = (torch.randn(2, 512, 2048, dtype=dtype, requires_grad=True) for _ in range(2))
+        B, C = (torch.randn(2, 512, 16, dtype=dtype, requires_grad=True) for _ in range(2))
+        A, D = -torch.rand(2048, 16, requires_grad=True), torch.randn(2048, requires_grad=True)
+        backward(fused.selective_scan(x, dt, A, B, C, D), x, dt, A, B, C, D)
     finally:
         for name, rec in recorders.items():
             setattr(fused, name, rec.kernel)
@@ -114,7 +125,11 @@ def resource_usage(compiled):
     out = cuobjdump(compiled, "--dump-resource-usage")
     fields = dict(item.split(":") for item in out.split("Function", 1)[1].split()[1:] if ":" in item)
     sass = cuobjdump(compiled, "--dump-sass")
-    widths = [int(bits or 32) // 8 for bits in re.findall(r"\bLDG(?:STS)?\.E[.A-Z]*?(?:\.(\d+))?\s", sass)]
+    # The width is the modifier that is a number of bits (".128", ".U16"), wherever it stands:
+    # sm_80's cp.async reads "LDGSTS.E.BYPASS.LTC128B.128"; none means 32 bits.
+    sizes = [[int(m[1]) for m in map(re.compile(r"[US]?(\d+)").fullmatch, mods.split(".")) if m]
+             for mods in re.findall(r"\bLDG(?:STS)?((?:\.\w+)+)", sass)]
+    widths = [(bits or [32])[0] // 8 for bits in sizes]
     mma = collections.Counter(re.findall(r"\b(HGMMA|HMMA)\.", sass))
     return (int(fields["REG"]), int(fields["STACK"]), int(fields["SHARED"]), max(widths, default=0),
             "+".join(sorted(mma)) or "-")
@@ -129,8 +144,10 @@ def configs_of(kernel, first_only):
 
 def describe(meta):
     """(blocks, warps, stages, the other constexprs) of one launch's keyword arguments."""
-    blocks = "x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK") if k in meta)
-    fixed = ",".join(f"{k}={meta[k]}" for k in ("HEAD_DIM", "CAUSAL", "BLOCK_V", "INT4") if k in meta)
+    blocks = "x".join(str(meta[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK", "BLOCK_L", "BLOCK_D")
+                      if k in meta)
+    fixed = ",".join(f"{k}={meta[k]}" for k in ("HEAD_DIM", "CAUSAL", "BLOCK_V", "INT4", "N_POW2", "ALL_STATES")
+                     if k in meta)
     return blocks, meta.get("num_warps", 4), meta.get("num_stages", 3), fixed
 
 
@@ -156,6 +173,11 @@ def main():
                     for config in configs_of(kernel, args.first_config):
                         kwargs = dict(launch_kwargs, **(config.all_kwargs() if config else {}))
                         blocks, warps, stages, fixed = describe(kwargs)
+                        # Triton compiles an integer argument equal to 1 as a constant (a unit stride:
+                        # contiguous loads), so launches differing only there compile differently.
+                        fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+                        ones = [f"{n}=1" for n, a in zip(fn.arg_names, launch_args) if type(a) is int and a == 1]
+                        fixed = ",".join(filter(None, [fixed, *ones]))
                         dtypes = tuple(str(getattr(a, "dtype", "")) for a in launch_args)
                         key = (name, blocks, warps, stages, fixed, dtypes)
                         if key in seen:

@@ -110,3 +110,20 @@ def train_command(config_path, nproc, *extra):
         return [sys.executable, "train.py", "--config", str(config_path), *extra]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
             str(free_port()), "train.py", "--config", str(config_path), *extra]
+
+
+# ----------------------------------------------------------------------------------------
+# Generation reference: recompute the whole text for every new token, no cache.
+
+def rows_alone(model, prompts, steps):
+    """The greedy tokens and last-position logits of each prompt, recomputing the whole
+    sequence for every new token without a cache: the reference for the cache and batching."""
+    out = []
+    for p in prompts:
+        seq, logits = list(p), []
+        with torch.no_grad():
+            for _ in range(steps):
+                logits.append(model(torch.tensor([seq]))[0, -1])
+                seq.append(int(logits[-1].argmax()))
+        out.append((seq[len(p):], torch.stack(logits)))
+    return out

@@ -11,6 +11,7 @@ import torch
 
 import checkpoint
 import infer
+from conftest import rows_alone
 from model import ModelConfig, Transformer
 from prep.tokenizer import chat_text
 
@@ -32,20 +33,6 @@ def hf_dir(tokens_dir, tmp_path_factory):
     checkpoint.save_hf(tiny(), str(d))
     shutil.copyfile(tokens_dir / "tokenizer.json", d / "tokenizer.json")
     return str(d)
-
-
-def rows_alone(model, prompts, steps):
-    """The greedy tokens and last-position logits of each prompt, recomputing the whole
-    sequence for every new token without a cache: the reference for the cache and batching."""
-    out = []
-    for p in prompts:
-        seq, logits = list(p), []
-        with torch.no_grad():
-            for _ in range(steps):
-                logits.append(model(torch.tensor([seq]))[0, -1])
-                seq.append(int(logits[-1].argmax()))
-        out.append((seq[len(p):], torch.stack(logits)))
-    return out
 
 
 PROMPTS = [[1, 5, 7, 9, 11], [1, 3], [2, 4, 6, 8, 10, 12, 14, 16, 18]]

@@ -450,7 +450,7 @@ def test_every_kernel_compiles_for_h100_and_a100():
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_rms_norm_bwd", "_swiglu_bwd", "_ce_bwd",
-                 "_quant_linear"):
+                 "_quant_linear", "_grouped_mm", "_grouped_mm_dw", "_selective_scan_fwd", "_selective_scan_bwd"):
         assert f"| sm_90 | bf16 | {name} |" in run.stdout and f"| sm_80 | bf16 | {name} |" in run.stdout
 
 
@@ -724,3 +724,159 @@ def test_quantized_linears_refuse_what_they_do_not_do():
         fused.int8_linear(x.requires_grad_(), q8, s8)
     with torch.no_grad():
         assert fused.int8_linear(x, q8, s8).shape == (2, 8)
+
+
+# ----------------------------------------------------------------------------------------
+# Grouped matmul (dropless MoE). Under the interpreter the tiles are 16 rows x 16 outputs over
+# 16-wide steps: a group of 37 rows takes three row tiles and ends mid-tile, one of 16 exactly
+# one, and K = 20 or 33, N = 24 end mid-block.
+
+def per_row_grouped_matmul(x, w, counts):
+    """x[i] @ w[group of i].T row by row, the group found by searching the groups' row ends."""
+    group_of = torch.searchsorted(counts.cumsum(0), torch.arange(len(x), device=x.device), right=True)
+    return torch.stack([x[i] @ w[group_of[i]].T for i in range(len(x))])
+
+
+def nan_padded(t, pad=16):
+    """t as a view into a wider buffer whose extra columns are NaN: a kernel that reads past t's
+    last column (a dropped mask) puts NaN in its output."""
+    buf = torch.full((*t.shape[:-1], t.shape[-1] + pad), float("nan"), dtype=t.dtype, device=t.device)
+    buf[..., :t.shape[-1]] = t
+    return buf[..., :t.shape[-1]]
+
+
+GMM_CASES = [
+    # counts,              K,  N,  dtype, w stored as (G, K, N)
+    ([0, 37, 0, 5, 1, 0], 20, 24, f32, False),   # empty first, middle and last groups; one row alone
+    ([16, 3, 20], 33, 24, f32, False),           # a group of exactly one tile
+    ([0, 37, 0, 5, 1, 0], 20, 24, f32, True),    # w a transposed view: other strides
+    ([0, 37, 0, 5, 1, 0], 20, 24, bf16, False),
+    ([16, 3, 20], 33, 24, bf16, True),
+]
+
+
+@pytest.mark.parametrize("counts", [[0, 37, 0, 5, 1, 0], [16, 3, 20]])
+def test_grouped_matmul_reference_is_a_per_row_loop(counts):
+    torch.manual_seed(0)
+    counts = torch.tensor(counts, device=DEVICE)
+    x, w = torch.randn(int(counts.sum()), 20, device=DEVICE), torch.randn(len(counts), 24, 20, device=DEVICE)
+    torch.testing.assert_close(fused.grouped_matmul_ref(x, w, counts), per_row_grouped_matmul(x, w, counts))
+
+
+@pytest.mark.parametrize("counts, K, N, dtype, w_transposed", GMM_CASES)
+def test_grouped_matmul_matches_reference(counts, K, N, dtype, w_transposed):
+    if dtype == bf16 and not BF16_DOT:
+        pytest.skip("this Triton's interpreter cannot be taught bf16 tl.dot")
+    torch.manual_seed(0)
+    counts = torch.tensor(counts, device=DEVICE)
+    x, w = leaves((int(counts.sum()), K), (len(counts), K, N) if w_transposed else (len(counts), N, K), dtype=dtype)
+    w_used = w.transpose(1, 2) if w_transposed else w
+    y = fused.grouped_matmul(nan_padded(x), nan_padded(w_used), counts)
+    assert y.dtype == dtype and y.shape == (x.shape[0], N)
+    dy = torch.randn_like(y)
+    dx, dw = grads(y, (x, w), nan_padded(dy))
+    x64, w64 = as_f64(x, w)
+    want = fused.grouped_matmul_ref(x64, w64.transpose(1, 2) if w_transposed else w64, counts)
+    for ours, ref, what in zip((y, dx, dw), (want, *grads(want, (x64, w64), dy.double())), ("y", "dx", "dw")):
+        assert_close(ours, ref, dtype, what)
+    assert (dw[counts == 0] == 0).all()              # written as zeros, not left as empty_like's memory
+
+
+def test_grouped_matmul_with_no_rows():
+    x, w = leaves((0, 20), (3, 24, 20))
+    y = fused.grouped_matmul(x, w, torch.zeros(3, dtype=torch.long, device=DEVICE))
+    dx, dw = grads(y, (x, w), torch.ones_like(y))
+    assert y.shape == (0, 24) and dx.shape == (0, 20) and torch.equal(dw, torch.zeros_like(w))
+
+
+def test_grouped_matmul_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="want x"):
+        fused.grouped_matmul(torch.randn(4, 20), torch.randn(2, 24, 16), torch.tensor([2, 2]))
+
+
+# ----------------------------------------------------------------------------------------
+# Selective scan (Mamba). Under the interpreter a tile is 8 steps x 4 channels: 17 steps take
+# three chunks, the last of one step, 64 steps eight, and 6 channels two blocks, the second half
+# empty. The interpreter runs tl.associative_scan one element at a time, so shapes stay small.
+
+def scan_inputs(batch, L, d, N, dtype=f32):
+    """Leaves as the Mamba block makes them: dt = softplus(.) > 0, and A = -exp(.) < 0 and D in fp32."""
+    x, B, C = (torch.randn(s, device=DEVICE).to(dtype) for s in ((batch, L, d), (batch, L, N), (batch, L, N)))
+    dt = torch.nn.functional.softplus(torch.randn(batch, L, d, device=DEVICE) - 1).to(dtype)
+    A, D = -torch.exp(0.5 * torch.randn(d, N, device=DEVICE)), torch.randn(d, device=DEVICE)
+    return [t.requires_grad_() for t in (x, dt, A, B, C, D)]
+
+
+def scan_closed_form(x, dt, A, B, C, D):
+    """y and h_L of the discretised system materialised, with no recurrence: h_t = sum over s <= t of
+    exp(A (dt_{s+1} + ... + dt_t)) dt_s B_s x_s (the product of the steps' exp(dt A) is the exponential
+    of a sum), y_t = C_t . h_t + D x_t. It holds (batch, L, L, d, N): small L only."""
+    L = x.shape[1]
+    S = dt.cumsum(1)                                                               # (b, L, d)
+    gap = (S[:, :, None] - S[:, None, :]).clamp(min=0)                             # (b, t, s, d): S_t - S_s
+    decay = torch.exp(gap[..., None] * A) * torch.ones(L, L, dtype=x.dtype, device=x.device).tril()[..., None, None]
+    h = torch.einsum("btsdn,bsd,bsn->btdn", decay, dt * x, B)                      # every h_t
+    return torch.einsum("btdn,btn->btd", h, C) + x * D, h[:, -1]
+
+
+@pytest.mark.parametrize("L", [1, 6])
+def test_selective_scan_reference_is_the_closed_form(L):
+    torch.manual_seed(0)
+    ins = [t.detach().double() for t in scan_inputs(2, L, 3, 4)]
+    y, last = fused.selective_scan_ref(*ins, return_last_state=True)
+    want_y, want_last = scan_closed_form(*ins)
+    torch.testing.assert_close(y, want_y)
+    torch.testing.assert_close(last, want_last)
+    y, last = fused.selective_scan_ref(*(t.float() for t in ins), return_last_state=True)
+    assert y.dtype == last.dtype == f32
+    y, last = fused.selective_scan_ref(*(t.to(bf16) if t.ndim == 3 else t.float() for t in ins), return_last_state=True)
+    assert y.dtype == bf16 and last.dtype == f32          # the state stays fp32 for bf16 inputs
+
+
+def check_selective_scan(batch, L, d, N, dtype):
+    """y, h_L and the six gradients against the reference in fp64. x, B, C and dy come as views into
+    NaN-padded buffers, as x and B, C are slices of the block's in_proj and x_proj outputs. h_L and
+    dA, dD are fp32 whatever the inputs: compared at fp32's tolerance."""
+    ins = scan_inputs(batch, L, d, N, dtype)
+    x, dt, A, B, C, D = ins
+    y, last = fused.selective_scan(nan_padded(x), dt, A, nan_padded(B), nan_padded(C), D, return_last_state=True)
+    assert y.dtype == dtype and y.shape == x.shape and last.shape == (batch, d, N) and last.dtype == f32
+    assert not last.requires_grad
+    dy = torch.randn_like(y)
+    got = grads(y, ins, nan_padded(dy))
+    ins64 = as_f64(*ins)
+    want_y, want_last = fused.selective_scan_ref(*ins64, return_last_state=True)
+    assert_close(y, want_y, dtype, "y")
+    assert_close(last, want_last, f32, "last state")
+    for name, g, w, t in zip(("x", "dt", "A", "B", "C", "D"), got, grads(want_y, ins64, dy.double()), ins):
+        assert g.dtype == t.dtype
+        assert_close(g, w, dtype if t.ndim == 3 else f32, f"d{name}")
+
+
+@pytest.mark.parametrize("batch, L, N, dtype", [
+    (2, 1, 4, f32),      # one step: one chunk, 7 of its 8 steps masked
+    (1, 17, 16, f32),    # two chunks and one step
+    (2, 64, 4, f32),     # eight full chunks
+    (1, 17, 5, f32),     # 5 states in a tile of 8: masked
+    (1, 1, 16, bf16),
+    (2, 17, 4, bf16),
+    (1, 64, 4, bf16),
+])
+def test_selective_scan_matches_reference(batch, L, N, dtype):
+    torch.manual_seed(0)
+    check_selective_scan(batch, L, 6, N, dtype)
+
+
+@pytest.mark.parametrize("blocks", [(16, 8), (1, 2)])
+def test_selective_scan_with_other_tiles(monkeypatch, blocks):
+    """A GPU-sized chunk of 16 steps (17 = one chunk and one step), and chunks of one step, where
+    every step's carry crosses chunks."""
+    monkeypatch.setattr(fused, "_scan_blocks", lambda n: blocks)
+    torch.manual_seed(0)
+    check_selective_scan(1, 17, 6, 4, f32)
+
+
+def test_selective_scan_rejects_mismatched_shapes():
+    x, dt, A, B, C, D = scan_inputs(1, 5, 6, 4)
+    with pytest.raises(ValueError, match="want x and dt"):
+        fused.selective_scan(x, dt, A.T, B, C, D)
