@@ -33,8 +33,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep the output
 } >"$out/device.txt" 2>&1
 cat "$out/device.txt"
 
-step attention 230 python3 bench/kernels.py --only attention --seqs 1024,4096,16384
-step rowwise 80 python3 bench/kernels.py --only rowwise
+step attention 230 python3 bench/kernel_speed.py --only attention --seqs 1024,4096,16384
+step rowwise 80 python3 bench/kernel_speed.py --only rowwise
 step tests 150 python3 -m pytest -q tests/test_kernels.py
 step mfu-125m 45 python3 bench/mfu.py --config configs/llama-125m.toml --steps 10 --warmup 3 \
     --set data.grad_accum=1 --set train.compile=false

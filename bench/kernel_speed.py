@@ -1,8 +1,8 @@
 """Speed of fused.py's Triton kernels against torch, on a CUDA GPU; prints markdown tables.
 
-    python bench/kernels.py                          # attention and the row-wise ops, bf16
-    python bench/kernels.py --only attention --head-dims 128 --seqs 4096,8192
-    python bench/kernels.py --only rowwise --dtype fp16
+    python bench/kernel_speed.py                          # attention and the row-wise ops, bf16
+    python bench/kernel_speed.py --only attention --head-dims 128 --seqs 4096,8192
+    python bench/kernel_speed.py --only rowwise --dtype fp16
 
 Attention, at a fixed 16k tokens per batch and hidden size 2048 (B = 16k / S, H = 2048 / D:
 the FlashAttention-2 paper's setting), S from 512 to 16k, head dim 64 and 128, causal and not:
@@ -227,7 +227,7 @@ def main():
     p.add_argument("--vocab", type=int, default=128256, help="cross-entropy vocabulary (Llama 3)")
     args = p.parse_args()
     if not torch.cuda.is_available():
-        print("bench/kernels.py times kernels on a CUDA GPU and this machine has none.\n"
+        print("bench/kernel_speed.py times kernels on a CUDA GPU and this machine has none.\n"
               "Running the correctness smoke test under TRITON_INTERPRET=1 instead (not a speed):")
         sys.exit(0 if smoke() else 1)
 
