@@ -11,12 +11,17 @@ checkpoints, skipped steps and rollbacks are functions of their own over the `Ru
 import argparse
 import dataclasses
 import gc
+import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
+import platform
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -270,7 +275,34 @@ def prepare_run_dir(cfg, ckpt_dir, resume, start_over):
     os.makedirs(cfg.log.dir, exist_ok=True)
     with open(os.path.join(cfg.log.dir, "config.toml"), "w") as f:
         f.write(to_toml(cfg))
+    with open(os.path.join(cfg.log.dir, "environment.jsonl"), "a") as f:  # one line per start, resumes included
+        f.write(json.dumps(environment(cfg, start)) + "\n")
     return start
+
+
+def environment(cfg, resumed_from):
+    """What a run needs to be reproduced, besides its config: the code (git revision and
+    whether the tree had uncommitted changes), the libraries and devices, and the data (a
+    sha256 over every shard's name and sidecar, which hold its token count and lineage)."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=os.path.dirname(os.path.abspath(__file__)), text=True,
+                                  capture_output=True, timeout=10, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for name in ("triton", "numpy", "tokenizers", "safetensors"):
+        versions[name] = importlib.metadata.version(name) if importlib.util.find_spec(name) else None
+    digest = hashlib.sha256()
+    for key, pattern in sorted({**data.sources(cfg.data.train), **data.sources(cfg.data.val, "data.val")}.items()):
+        for path in data.find_shards(pattern, key) if pattern else ():
+            with open(os.path.splitext(path)[0] + ".json", "rb") as f:
+                digest.update(os.path.basename(path).encode() + f.read())
+    status = git("status", "--porcelain")
+    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed_from": resumed_from,
+            "git_revision": git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status),
+            **versions, "devices": devices or [platform.processor() or "cpu"], "data_sha256": digest.hexdigest()}
 
 
 @dataclass

@@ -151,6 +151,27 @@ def test_exact_resume_gives_bitwise_equal_losses(tiny_config, tmp_path):
     assert all(resumed[s] == straight[s] for s in resumed), (resumed, straight)
 
 
+def test_every_start_records_the_code_libraries_devices_and_data(tiny_config, tokens_dir):
+    """environment.jsonl gains a line per start, a resume included: the git revision, the
+    library versions and the hash of the shards' names and sidecars, recomputed here."""
+    import glob
+    import hashlib
+    cfg = tiny_config(optim=dict(steps=2), checkpoint=dict(every=2))
+    train.train(cfg)
+    train.train(tiny_config(optim=dict(steps=3), checkpoint=dict(every=2)), resume="auto")
+    with open(os.path.join(cfg.log.dir, "environment.jsonl")) as f:
+        first, second = map(json.loads, f)
+    digest = hashlib.sha256()
+    for path in sorted(glob.glob(str(tokens_dir / "train_*.bin"))) + sorted(glob.glob(str(tokens_dir / "val_*.bin"))):
+        digest.update(os.path.basename(path).encode() + open(path[:-4] + ".json", "rb").read())
+    assert first["data_sha256"] == second["data_sha256"] == digest.hexdigest()
+    assert first["torch"] == torch.__version__ and first["resumed_from"] is None
+    assert second["resumed_from"].endswith("step_0000002")
+    revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if revision.returncode == 0:  # a clone; an exported tree records null
+        assert first["git_revision"] == revision.stdout.strip() and isinstance(first["git_dirty"], bool)
+
+
 def test_checkpoint_layout_manifest_and_retention(tiny_config):
     cfg = tiny_config(checkpoint=dict(every=5, keep=2))
     model = train.train(cfg)
