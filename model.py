@@ -76,6 +76,10 @@ class ModelConfig:
             raise ValueError(f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE")
+        if min(self.moe_experts, self.moe_d_ff, self.ssm_dt_rank) < 0 or min(self.ssm_state, self.ssm_conv,
+                                                                             self.ssm_expand) < 1:
+            raise ValueError("model.moe_experts, moe_d_ff and ssm_dt_rank must be at least 0; model.ssm_state, "
+                             "ssm_conv and ssm_expand at least 1")
         self.moe_d_ff = self.moe_d_ff or self.d_ff
         if self.moe_experts and not (1 <= self.moe_top_k <= self.moe_experts and self.moe_every >= 1):
             raise ValueError(f"model.moe_top_k={self.moe_top_k} must be in 1..moe_experts={self.moe_experts} "
@@ -85,7 +89,7 @@ class ModelConfig:
             raise ValueError(f"model.block_pattern={self.block_pattern!r} must have one letter, A or M, for each of "
                              f"the model.n_layers={self.n_layers} layers")
         self.ssm_dt_rank = self.ssm_dt_rank or math.ceil(self.d_model / 16)
-        if min(self.moe_capacity_factor, self.moe_aux_loss, self.moe_z_loss, self.moe_shared_experts) < 0:
+        if not min(self.moe_capacity_factor, self.moe_aux_loss, self.moe_z_loss, self.moe_shared_experts) >= 0:  # NaN
             raise ValueError("model.moe_capacity_factor, moe_aux_loss, moe_z_loss and moe_shared_experts must be "
                              "at least 0")
 

@@ -127,3 +127,26 @@ def rows_alone(model, prompts, steps):
                 seq.append(int(logits[-1].argmax()))
         out.append((seq[len(p):], torch.stack(logits)))
     return out
+
+
+def check_cached_decoding(model, ref, prompts, steps):
+    """Left-padded prompts of several lengths in one batch: prefill, then one cached step at a
+    time; every row's logits at every step equal ref recomputing its text alone. Returns the
+    reference's (tokens, logits) per prompt."""
+    import infer
+    expected = rows_alone(ref, prompts, steps)
+    S = max(map(len, prompts))
+    ids = torch.tensor([[0] * (S - len(p)) + p for p in prompts])
+    starts = torch.tensor([S - len(p) for p in prompts])
+    infer.setup_caches(model, len(prompts), S + steps)
+    try:
+        with torch.no_grad():
+            logits = infer.prefill(model, ids, starts)
+            for i in range(steps):
+                for b, (tokens, want) in enumerate(expected):
+                    torch.testing.assert_close(logits[b], want[i], atol=1e-4, rtol=1e-4)
+                token = torch.tensor([[tokens[i]] for tokens, _ in expected])
+                logits = infer.decode_one_token(model, token, torch.tensor([S + i]), starts)
+    finally:
+        infer.clear_caches(model)
+    return expected

@@ -11,7 +11,7 @@ import torch
 
 import checkpoint
 import infer
-from conftest import rows_alone
+from conftest import check_cached_decoding, rows_alone
 from model import ModelConfig, Transformer
 from prep.tokenizer import chat_text
 
@@ -57,18 +57,7 @@ def test_cached_decoding_gives_the_logits_of_a_full_recomputation(monkeypatch, a
     model, ref = tiny(), tiny()
     if attention == "softmax":
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", softmax_attention)
-    steps, S = 6, max(map(len, PROMPTS))
-    expected = rows_alone(ref, PROMPTS, steps)
-    ids = torch.tensor([[0] * (S - len(p)) + p for p in PROMPTS])
-    starts = torch.tensor([S - len(p) for p in PROMPTS])
-    infer.setup_caches(model, len(PROMPTS), S + steps)
-    with torch.no_grad():
-        logits = infer.prefill(model, ids, starts)
-        for i in range(steps):
-            for b, (tokens, want) in enumerate(expected):
-                torch.testing.assert_close(logits[b], want[i], atol=1e-4, rtol=1e-4)
-            token = torch.tensor([[tokens[i]] for tokens, _ in expected])
-            logits = infer.decode_one_token(model, token, torch.tensor([S + i]), starts)
+    check_cached_decoding(model, ref, PROMPTS, 6)
 
 
 def test_batched_generation_equals_one_by_one_and_finished_rows_stop_growing():

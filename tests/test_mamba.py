@@ -6,7 +6,7 @@ import torch
 
 import checkpoint
 import infer
-from conftest import rows_alone
+from conftest import check_cached_decoding
 from model import ModelConfig, Transformer
 
 CFG = dict(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=64, ssm_state=8)
@@ -24,21 +24,7 @@ def test_recurrent_decoding_equals_the_parallel_forward(pattern, extra):
     forward over the row's whole text."""
     model = tiny(pattern, **extra)
     prompts, steps = [[1, 5, 7, 9, 11], [3], [2, 4, 6, 8, 10, 12, 14, 16, 18]], 6
-    want = rows_alone(model, prompts, steps)
-    S = max(map(len, prompts))
-    ids = torch.tensor([[0] * (S - len(p)) + p for p in prompts])
-    starts = torch.tensor([S - len(p) for p in prompts])
-    infer.setup_caches(model, len(prompts), S + steps)
-    try:
-        with torch.no_grad():
-            logits = infer.prefill(model, ids, starts)
-            for i in range(steps):
-                for b, (tokens, expected) in enumerate(want):
-                    torch.testing.assert_close(logits[b], expected[i], atol=1e-4, rtol=1e-4)
-                token = torch.tensor([[tokens[i]] for tokens, _ in want])
-                logits = infer.decode_one_token(model, token, torch.tensor([S + i]), starts)
-    finally:
-        infer.clear_caches(model)
+    want = check_cached_decoding(model, model, prompts, steps)
     assert infer.generate(model, prompts, steps) == [t for t, _ in want]
 
 
