@@ -95,11 +95,16 @@ def weights_source(path, model_cfg):
         raise CheckpointError(f"{path}: neither a checkpoint (config.toml) nor a Hugging Face directory (config.json)")
     saved = read_hf_config(path) if hf else load_config(os.path.join(path, "config.toml")).model
     differ = [f"model.{k} is {getattr(saved, k)!r} there, {getattr(model_cfg, k)!r} here" for k in vars(saved)
-              if k not in ("init_std", "max_seq_len", "vocab_multiple" if hf else "") and
+              if k not in ("init_std", "max_seq_len", "value_head", "vocab_multiple" if hf else "") and
               getattr(saved, k) != getattr(model_cfg, k)]
     if differ:
         raise CheckpointError(f"{path} holds another model: " + "; ".join(differ))
-    return hf_source(path, model_cfg) if hf else checkpoint_source(path)
+    source = hf_source(path, model_cfg) if hf else checkpoint_source(path)
+    if not model_cfg.value_head:  # a reward or PPO model's weights serve as a language model's
+        source.pop("value_head.weight", None)
+    elif "value_head.weight" not in source:  # a language model starts a reward model: a fresh head, at zero
+        source.update(tensor_source({"value_head.weight": torch.zeros(1, model_cfg.d_model)}))
+    return source
 
 
 # A box is a [start, stop) per dimension of a whole tensor. Files hold boxes; a rank wants the
@@ -327,7 +332,10 @@ def save_checkpoint(ckpt_dir, step, pieces, state, cfg, permanent=False, rank=0,
                        ("config.toml", to_toml(cfg))):
         with open(os.path.join(tmp, name), "w") as f:
             f.write(text)
-    shutil.copyfile(data.tokenizer_path(cfg.data.train), os.path.join(tmp, "tokenizer.json"))
+    # An alignment run has no token shards: its tokenizer is the one of the model it started from.
+    tokenizer = data.tokenizer_path(cfg.data.train) if cfg.data.train else os.path.join(cfg.train.init_from,
+                                                                                        "tokenizer.json")
+    shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.json"))
     files = {n: meta for _, rank_files in gathered for n, meta in rank_files.items()}
     files.update({n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": file_sha256(os.path.join(tmp, n))}
                   for n in ("index.json", "state.json", "config.toml", "tokenizer.json")})

@@ -110,6 +110,29 @@ class TrainConfig:
 
 
 @dataclass
+class AlignConfig:
+    """align.py's post-training; [data] seq_len, micro_batch (examples per rank per micro-step),
+    grad_accum and seed, [optim] and [checkpoint] mean what they mean for pretraining."""
+    method: str = choice("sft", "rm", "dpo", "rloo", "grpo", "ppo")
+    train: str = ""             # jsonl (or a .json list): conversations (sft), preference pairs (rm, dpo), prompts
+    val: str = ""               # held-out examples of the same kind: loss, and accuracy for rm and dpo
+    pack: bool = True           # sft: several conversations per sequence, attention stopping at each
+    loss: str = choice("sigmoid", "ipo", "hinge")  # dpo's loss (DPO, IPO, SLiC's hinge)
+    beta: float = at_least(0.1, 0.0)  # dpo: the implicit KL strength; rloo, grpo, ppo: the KL penalty
+    label_smoothing: float = at_least(0.0, 0.0)  # dpo: the share of flipped labels assumed (cDPO)
+    reference: str = choice("precomputed", "live")  # dpo: reference log-probs once up front, or every step
+    reward: str = ""            # rl: a reward model checkpoint directory, or module:function(completion, example)
+    samples: int = at_least(4, 1)  # rl: completions per prompt (the group of rloo and grpo)
+    max_new_tokens: int = at_least(64, 1)
+    temperature: float = at_least(1.0, 0.0)
+    ppo_epochs: int = at_least(1, 1)  # rl: passes over each batch of rollouts
+    clip: float = at_least(0.2, 0.0)  # grpo, ppo: the policy ratio's clip range (and ppo's value clip)
+    gamma: float = at_least(1.0, 0.0)  # ppo: discount
+    lam: float = at_least(0.95, 0.0)  # ppo: GAE's lambda
+    vf_coef: float = at_least(0.1, 0.0)  # ppo: the value loss's weight
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -119,6 +142,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
 
 
 class ConfigError(ValueError):

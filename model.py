@@ -41,6 +41,9 @@ class ModelConfig:
     # width divides them whatever the tokenizer (Megatron pads to 128 x tp); the padded ids
     # are never predicted: the head's logits stop at vocab_size.
     vocab_multiple: int = 1
+    # A scalar head (d_model -> 1) on the final norm's output, beside the LM head: the score of
+    # a reward model, or PPO's value head (align.py). It starts at zero: no preference at first.
+    value_head: bool = False
     # Mixture-of-Experts: moe_experts > 0 swaps the MLP of layers i with (i + 1) % moe_every == 0
     # (Qwen2-MoE's decoder_sparse_step; 1: all, as Mixtral) for moe_experts SwiGLU experts of
     # width moe_d_ff (0: d_ff), moe_top_k of them per token.
@@ -434,6 +437,8 @@ def init_parameter(name, p, cfg, generator=None):
         return nn.init.zeros_(p)
     if p.dim() == 1:
         return nn.init.ones_(p)
+    if name == "value_head.weight":
+        return nn.init.zeros_(p)
     std = cfg.init_std
     if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj", "out_proj.weight")):  # "down_proj": experts
         std /= math.sqrt(2 * cfg.n_layers)
@@ -450,10 +455,13 @@ class LMHead(nn.Linear):
         super().__init__(d_model, padded_vocab, bias=False)
         self.vocab = vocab
 
-    def forward(self, h, targets=None, ignore_index=-100):
+    def forward(self, h, targets=None, ignore_index=-100, per_token=False):
         weight = self.weight[:self.vocab]
         if targets is None:
             return F.linear(h, weight)                                     # (B, S, vocab)
+        if per_token:  # each target's log-probability, 0 where ignored (alignment's sums)
+            logits = F.linear(h, weight).float()
+            return -F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=ignore_index, reduction="none")
         h, targets = h.flatten(0, 1), targets.flatten()                   # (B*S, d_model), (B*S,)
         if fused.use_triton(h):
             return fused.linear_cross_entropy(h, weight, targets, ignore_index)
@@ -475,6 +483,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = LMHead(cfg.d_model, cfg.padded_vocab, cfg.vocab_size)
+        self.value_head = nn.Linear(cfg.d_model, 1, bias=False) if cfg.value_head else None
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -501,8 +510,10 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             init_parameter(name, p, self.cfg)
 
-    def forward(self, x, targets=None, pos=None, doc_starts=None, ignore_index=-100):
+    def forward(self, x, targets=None, pos=None, doc_starts=None, ignore_index=-100, per_token=False, values=False):
         """input_ids (B, S) -> logits (B, S, vocab), or the mean loss when targets are given.
+        per_token: each target's log-probability (B, S) instead of the mean loss. values: also
+        (or, given values="only", just) the value head's (B, S) scores, as (lm output, values).
 
         pos (S,): the tokens' positions, for RoPE; an arange unless the sequence is cut into
         chunks (context parallel) or continues a cache (generation). They are not range-checked
@@ -530,7 +541,12 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, doc_starts, pos)
         if self.lm_head is None:
             return h
-        return self.lm_head(self.norm(h), targets, ignore_index)
+        h = self.norm(h)
+        scores = self.value_head(h).squeeze(-1).float() if values else None
+        if values == "only":
+            return scores
+        out = self.lm_head(h, targets, ignore_index, per_token)
+        return (out, scores) if values else out
 
     def num_params(self, embedding=True):
         n = sum(p.numel() for p in self.parameters())  # a tied weight is counted once

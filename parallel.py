@@ -335,7 +335,7 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
     all-reduce the row max, the sum of exponentials and the target logit (Megatron-LM)."""
 
     @staticmethod
-    def forward(ctx, logits, targets, start, group, ignore_index, vocab):
+    def forward(ctx, logits, targets, start, group, ignore_index, vocab, per_token=False):
         logits = logits.float()                                 # (N, V / tp)
         n_local = logits.shape[-1]
         if start + n_local > vocab:  # padded rows (model.vocab_multiple) never win the softmax
@@ -349,9 +349,10 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         target_logit = all_reduce(logits.gather(1, local_t[:, None]).squeeze(1) * mine, group)
         valid = targets != ignore_index
         n_valid = valid.sum().clamp(min=1)
-        loss = ((sum_exp.log() + row_max - target_logit) * valid).sum() / n_valid
+        losses = (sum_exp.log() + row_max - target_logit) * valid
         ctx.save_for_backward(exp / sum_exp[:, None], local_t, mine, valid, n_valid)
-        return loss
+        ctx.per_token = per_token
+        return -losses if per_token else losses.sum() / n_valid  # per_token: log-probabilities
 
     @staticmethod
     def backward(ctx, g):
@@ -359,8 +360,8 @@ class VocabParallelCrossEntropy(torch.autograd.Function):
         grad = softmax  # in place, as Megatron does: this backward is the softmax's only reader
         rows = torch.arange(grad.shape[0], device=grad.device)
         grad[rows, local_t] -= mine.float()
-        grad *= (valid.float() * g / n_valid)[:, None]
-        return grad, None, None, None, None, None
+        grad *= (valid.float() * (-g if ctx.per_token else g / n_valid))[:, None]
+        return grad, None, None, None, None, None, None
 
 
 class VocabParallelLMHead(nn.Module):
@@ -372,15 +373,16 @@ class VocabParallelLMHead(nn.Module):
         super().__init__()
         self.weight, self.grid, self.vocab = weight, grid, vocab
 
-    def forward(self, h, targets=None, ignore_index=-100):
+    def forward(self, h, targets=None, ignore_index=-100, per_token=False):
         logits = F.linear(enter_tp(h, self.grid), self.weight)    # (B, S, V / tp)
         group = self.grid.groups["tp"]
         if targets is None:
             parts = [torch.empty_like(logits) for _ in range(self.grid.tp)]
             dist.all_gather(parts, logits.contiguous(), group=group)
             return torch.cat(parts, dim=-1)[..., :self.vocab]       # (B, S, V)
-        return VocabParallelCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(),
-                                               self.grid.tp_rank * logits.shape[-1], group, ignore_index, self.vocab)
+        out = VocabParallelCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(), self.grid.tp_rank *
+                                              logits.shape[-1], group, ignore_index, self.vocab, per_token)
+        return out.view(targets.shape) if per_token else out
 
 
 def apply_tensor_parallel(model, grid):
