@@ -400,14 +400,32 @@ def gsm8k_reward(completion, example):
     return float(bool(found) and number(found[-1]) == number(want))
 
 
-def scores(run, rows, texts, examples):
-    """The reward of each rollout: the reward model's score at its last token, or the function's."""
+def list_format_reward(completion, example):
+    """The demo's verifiable reward (demo_data): half for the share of the prompt's names in the
+    answer, half for the format "a, b, c." (commas, a final period); 1 for the exact answer."""
+    names = example["prompt"].removeprefix("List these names: ").split()
+    text = completion.strip()
+    found = len(set(re.findall(r"\w+", text)) & set(names)) / len(names)
+    return 0.5 * found + 0.5 * bool(re.fullmatch(r"\w+(, \w+)*\.", text))
+
+
+def complete(run, examples, temperature, seed=None):
+    """A completion of each example's prompt (infer.generate, stopping at <|end|>) and its
+    reward: the reward model's score at the last token, or the reward function's. Returns
+    (rows of prompt + completion ids with labels on the completion, rewards)."""
+    tok, stops = run.extra["tok"], run.extra["stops"]
+    prompts = [chat_ids(tok, prompt_of(e, "prompt"), generation_prompt=True)[0] for e in examples]
+    with run.autocast:
+        completions = generate(run.model, prompts, run.cfg.align.max_new_tokens, temperature, stop_ids=stops,
+                               seed=seed)
+    rows = [(p + c, [-100] * len(p) + c) for p, c in zip(prompts, completions)]
     reward = run.extra["reward"]
-    if callable(reward):
-        return torch.tensor([float(reward(t, e)) for t, e in zip(texts, examples)], device=run.device)
+    if not isinstance(reward, torch.nn.Module):
+        texts = [tok.decode([t for t in c if t not in stops]) for c in completions]
+        return rows, torch.tensor([float(reward(t, e)) for t, e in zip(texts, examples)], device=run.device)
     x, y = collate(rows, run.extra["pad"], run.device)
     with torch.no_grad(), run.autocast:
-        return reward(x, values="only").gather(1, last_index(y)[:, None]).squeeze(1)
+        return rows, reward(x, values="only").gather(1, last_index(y)[:, None]).squeeze(1)
 
 
 def gae(rewards, values, mask, gamma, lam):
@@ -433,16 +451,9 @@ def global_mean_std(t, mask, group):
 def rollout(run, examples, seed):
     """k completions of each prompt (one generate call), their rewards, and what the loss needs:
     the policy's and reference's log-probs, and the advantage of every completion token."""
-    a, tok = run.cfg.align, run.extra["tok"]
-    prompts = [chat_ids(tok, prompt_of(e, "prompt"), generation_prompt=True)[0] for e in examples]
-    prompts = [p for p in prompts for _ in range(a.samples)]
+    a = run.cfg.align
     examples = [e for e in examples for _ in range(a.samples)]
-    with run.autocast:
-        completions = generate(run.model, prompts, a.max_new_tokens, a.temperature, stop_ids=run.extra["stops"],
-                               seed=seed)
-    rows = [(p + c, [-100] * len(p) + c) for p, c in zip(prompts, completions)]
-    texts = [tok.decode([t for t in c if t not in run.extra["stops"]]) for c in completions]
-    reward = scores(run, rows, texts, examples)
+    rows, reward = complete(run, examples, a.temperature, seed)
     x, y = collate(rows, run.extra["pad"], run.device)
     mask = (y != -100).float()
     with torch.no_grad(), run.autocast:
@@ -539,7 +550,7 @@ def start(cfg, resume=None, start_over=False):
     begin = train.on_rank0(partial(train.prepare_run_dir, cfg, ckpt_dir, resume, start_over), rank == 0)
     model, dp, named, optimizer = train.build(cfg, grid, device, begin or cfg.train.init_from)
     run = train.Run(cfg, grid, device, autocast, model, dp, named, optimizer, Examples(items, cfg.data, grid.dp_rank,
-                    grid.dp), {}, None, None, train.MetricsLog(cfg.log.dir, rank == 0),
+                    grid.dp), {}, None, None, train.MetricsLog(cfg.log.dir, rank == 0, cfg.log.backends, cfg),
                     checkpoint.CheckpointWriter(cfg.checkpoint.asynchronous), ckpt_dir, rank == 0)
     run.extra = {"tok": tok, "bos": sp[BOS], "pad": sp[PAD], "pack": cfg.align.pack, "stops": stop_ids(tok),
                  "val": val, "reference": None, "reward": None}
@@ -637,13 +648,7 @@ def validate(run):
     if not val:
         return
     if a.method in RL:
-        tok = run.extra["tok"]
-        prompts = [chat_ids(tok, prompt_of(e, "prompt"), generation_prompt=True)[0] for e in val]
-        with run.autocast:
-            completions = generate(run.model, prompts, a.max_new_tokens, 0.0, stop_ids=run.extra["stops"])
-        rows = [(p + c, [-100] * len(p) + c) for p, c in zip(prompts, completions)]
-        texts = [tok.decode([t for t in c if t not in run.extra["stops"]]) for c in completions]
-        rec = {"step": run.step, "val_reward": scores(run, rows, texts, val).mean().item()}
+        rec = {"step": run.step, "val_reward": complete(run, val, 0.0)[1].mean().item()}
     else:
         batches = make_batches(run, None, val)
         total = sum(units(a.method, b) for b in batches)
@@ -667,8 +672,7 @@ def align(cfg, resume=None, start_over=False):
     while run.step < o.steps:
         t0 = time.perf_counter()
         lr = train.lr_at(run.step, o)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
+        train.set_lr(run.optimizer, lr)
         stats = {}
         if a.method in RL:
             rank = dist.get_rank() if dist.is_initialized() else 0
@@ -719,7 +723,7 @@ def write_report(cfg):
     lines = [f"## Alignment: {cfg.align.method}", "",
              f"- from `{cfg.train.init_from}` on `{cfg.align.train}`, {steps[-1]['step']} steps in "
              f"{train.fmt_time(steps[-1]['elapsed_s'])}",
-             f"- first step: {figures(steps[0])}", f"- last step: {figures(steps[-1])}"]
+             f"- step {steps[0]['step']}: {figures(steps[0])}", f"- step {steps[-1]['step']}: {figures(steps[-1])}"]
     if vals:
         lines += [f"- held out before: {figures(vals[0])}", f"- held out after: {figures(vals[-1])}"]
     with open(os.path.join(cfg.log.dir, "report.md"), "a") as f:
@@ -729,11 +733,11 @@ def write_report(cfg):
 # ----------------------------------------------------------------------------------------
 # The demo's data: a formatting preference a tiny model can learn
 
-def demo_data(out_dir, n=2000, seed=0):
+def demo_data(out_dir, n=1000, seed=0):
     """Synthetic chat (sft) and preference (dpo) sets that need no download: the user asks for
     a few Python builtin names to be listed; an answer lists them either as "a, b, c." or as
     "a b c". SFT sees both formats equally often; DPO prefers the first (the rule: commas and
-    a final period). Writes sft.jsonl, sft_val.jsonl, dpo.jsonl, dpo_val.jsonl."""
+    a final period), as does list_format_reward for RL. Writes {sft,dpo,prompts}{,_val}.jsonl."""
     import builtins
     import keyword
     words = sorted({w for w in dir(builtins) if w.isidentifier() and not w.startswith("_")} | set(keyword.kwlist))
@@ -741,14 +745,17 @@ def demo_data(out_dir, n=2000, seed=0):
     os.makedirs(out_dir, exist_ok=True)
     for split, count in (("", n), ("_val", max(n // 10, 8))):
         with open(os.path.join(out_dir, f"sft{split}.jsonl"), "w") as sft, \
-                open(os.path.join(out_dir, f"dpo{split}.jsonl"), "w") as dpo:
+                open(os.path.join(out_dir, f"dpo{split}.jsonl"), "w") as dpo, \
+                open(os.path.join(out_dir, f"prompts{split}.jsonl"), "w") as prompts:
             for _ in range(count):
                 picked = rng.sample(words, rng.randint(2, 4))
                 prompt = "List these names: " + " ".join(picked)
                 good, plain = ", ".join(picked) + ".", " ".join(picked)
+                answer = rng.choice([good, plain])
                 sft.write(json.dumps({"messages": [{"role": "user", "content": prompt},
-                                                   {"role": "assistant", "content": rng.choice([good, plain])}]}) + "\n")
+                                                   {"role": "assistant", "content": answer}]}) + "\n")
                 dpo.write(json.dumps({"prompt": prompt, "chosen": good, "rejected": plain}) + "\n")
+                prompts.write(json.dumps({"prompt": prompt}) + "\n")
 
 
 def main(argv=None):

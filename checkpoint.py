@@ -243,9 +243,10 @@ def load_optimizer_state(optimizer, named, path, grid):
     source = checkpoint_source(path, "optimizer")
     on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
     for name, t in named:
-        if f"{name}.exp_avg" in source:
+        if f"{name}.exp_avg" in source:  # Muon's matrices have no exp_avg_sq
             piece = parallel.piece_of(name, t, grid)
-            state = {k: source[f"{name}.{k}"][1](*piece).view_as(t).to(t.device) for k in ("exp_avg", "exp_avg_sq")}
+            state = {k: source[f"{name}.{k}"][1](*piece).view_as(t).to(t.device) for k in ("exp_avg", "exp_avg_sq")
+                     if f"{name}.{k}" in source}
             step = source[f"{name}.step"][1](None)
             optimizer.state[t] = {**state, "step": step.to(t.device) if on_device else step.float().cpu()}
 
@@ -495,6 +496,11 @@ def save_hf(model, out_dir, dtype=torch.float32):
     Qwen3ForCausalLM when the model uses QK-norm, MixtralForCausalLM when it has experts)
     loads with equal logits."""
     c = model.cfg
+    if c.width_mult != 1:
+        raise CheckpointError("model.mup: its logit and attention multipliers have no counterpart in transformers' "
+                              "causal LMs; not exported")
+    if c.value_head:  # PPO's value (or a reward model's score): the language model is exported without it
+        print("export: model.value_head has no place in a causal LM: left out")
     if "M" in c.block_pattern:
         return save_mamba_hf(model, out_dir, dtype)
     arch, model_type = ("Qwen3ForCausalLM", "qwen3") if c.qk_norm else ("LlamaForCausalLM", "llama")
@@ -519,7 +525,7 @@ def save_hf(model, out_dir, dtype=torch.float32):
                       num_experts_per_tok=c.moe_top_k, router_aux_loss_coef=c.moe_aux_loss, sliding_window=None)
     # A tied head is the embedding: store it once, as transformers does; padded rows are cut.
     tensors = {}
-    for n, p in model.named_parameters():
+    for n, p in ((n, p) for n, p in model.named_parameters() if n != "value_head.weight"):
         p = p.detach()[:c.vocab_size if n in ("embed.weight", "lm_head.weight") else None].to(dtype).cpu()
         if p.dim() == 3:  # stacked experts, one key each
             i, w = re.fullmatch(r"layers\.(\d+)\.mlp\.(\w+)", n).groups()

@@ -42,6 +42,9 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = choice("adamw", "muon")  # muon: Muon on the hidden matrices, AdamW on the rest (train.Muon)
+    muon_lr: float = at_least(0.02, 0.0)  # Muon's peak rate; it follows the schedule's shape
+    muon_momentum: float = at_least(0.95, 0.0)
     lr: float = at_least(3e-4, 0.0)
     min_lr: float = at_least(3e-5, 0.0)
     weight_decay: float = at_least(0.1, 0.0)
@@ -83,6 +86,7 @@ class CheckpointConfig:
 class LogConfig:
     dir: str = "runs/default"   # the run directory: config, metrics.jsonl, report.md
     every: int = at_least(10, 1)
+    backends: str = ""          # tracking besides metrics.jsonl, any of "tensorboard,wandb,mlflow" (when installed)
 
 
 @dataclass
@@ -201,6 +205,12 @@ def config_from_dict(d, where="config"):
     if "M" in cfg.model.block_pattern and cfg.data.doc_mask:
         raise ConfigError(f"{where}: data.doc_mask with Mamba layers (model.block_pattern): the scan carries its "
                           "state across documents; use data.doc_mask = false")
+    unknown = {b.strip() for b in cfg.log.backends.split(",") if b.strip()} - {"tensorboard", "wandb", "mlflow"}
+    if unknown:
+        raise ConfigError(f"{where}: log.backends: unknown {sorted(unknown)}; choose from tensorboard, wandb, mlflow")
+    if cfg.optim.name == "muon" and (cfg.parallel.tp > 1 or cfg.parallel.zero):
+        raise ConfigError(f"{where}: optim.name = \"muon\" with parallel.tp or zero: Muon orthogonalises whole "
+                          "matrices, and tp and ZeRO give a rank slices of them; use dp or pp")
     if cfg.data.seq_len > cfg.model.max_seq_len:  # the RoPE tables hold max_seq_len positions
         raise ConfigError(f"{where}: data.seq_len = {cfg.data.seq_len} is longer than model.max_seq_len = "
                           f"{cfg.model.max_seq_len}")

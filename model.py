@@ -44,6 +44,16 @@ class ModelConfig:
     # A scalar head (d_model -> 1) on the final norm's output, beside the LM head: the score of
     # a reward model, or PPO's value head (align.py). It starts at zero: no preference at first.
     value_head: bool = False
+    # muP (Yang et al. 2022, Tensor Programs V): hyperparameters tuned at width mup_base_width
+    # transfer to width d_model. With m = d_model / mup_base_width, for Adam (their Table 8):
+    #   hidden matrices        init std / sqrt(m)  (variance 1/fan_in)    lr / m   (train.py)
+    #   embedding, vectors     unchanged                                   lr unchanged
+    #   output logits          x 1/m  (the head's input is scaled)         lr unchanged
+    #   attention logits       q.k / (sqrt(d_head) sqrt(m)) = sqrt(d_base) q.k / d_head when the
+    #                          head count is fixed: muP's 1/d_head instead of 1/sqrt(d_head)
+    # At m = 1 every rule is the identity: the standard model, exactly.
+    mup: bool = False
+    mup_base_width: int = 256
     # Mixture-of-Experts: moe_experts > 0 swaps the MLP of layers i with (i + 1) % moe_every == 0
     # (Qwen2-MoE's decoder_sparse_step; 1: all, as Mixtral) for moe_experts SwiGLU experts of
     # width moe_d_ff (0: d_ff), moe_top_k of them per token.
@@ -83,6 +93,8 @@ class ModelConfig:
                                                                              self.ssm_expand) < 1:
             raise ValueError("model.moe_experts, moe_d_ff and ssm_dt_rank must be at least 0; model.ssm_state, "
                              "ssm_conv and ssm_expand at least 1")
+        if self.mup_base_width < 1:
+            raise ValueError(f"model.mup_base_width={self.mup_base_width} must be at least 1")
         self.moe_d_ff = self.moe_d_ff or self.d_ff
         if self.moe_experts and not (1 <= self.moe_top_k <= self.moe_experts and self.moe_every >= 1):
             raise ValueError(f"model.moe_top_k={self.moe_top_k} must be in 1..moe_experts={self.moe_experts} "
@@ -95,6 +107,10 @@ class ModelConfig:
         if not min(self.moe_capacity_factor, self.moe_aux_loss, self.moe_z_loss, self.moe_shared_experts) >= 0:  # NaN
             raise ValueError("model.moe_capacity_factor, moe_aux_loss, moe_z_loss and moe_shared_experts must be "
                              "at least 0")
+
+    @property
+    def width_mult(self):
+        return self.d_model / self.mup_base_width if self.mup else 1.0
 
     @property
     def padded_vocab(self):
@@ -155,6 +171,7 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.head_dim = cfg.head_dim
+        self.q_mult = cfg.width_mult ** -0.5  # muP's attention scale, through the queries: any kernel's 1/sqrt(d)
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -178,6 +195,8 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.q_mult != 1.0:
+            q = q * self.q_mult
         if self.cache is None:
             y = self.attn_fn(q, k, v, causal=True, doc_starts=doc_starts)  # (B, Hq, S, D)
         else:  # generation: the queries at pos see every key written up to theirs, in their row's text
@@ -442,6 +461,8 @@ def init_parameter(name, p, cfg, generator=None):
     std = cfg.init_std
     if name.endswith(("o_proj.weight", "down_proj.weight", "down_proj", "out_proj.weight")):  # "down_proj": experts
         std /= math.sqrt(2 * cfg.n_layers)
+    if name not in ("embed.weight", "lm_head.weight"):  # a hidden matrix: muP's variance 1/fan_in
+        std /= math.sqrt(cfg.width_mult)
     return nn.init.normal_(p, 0.0, std, generator=generator)
 
 
@@ -545,7 +566,7 @@ class Transformer(nn.Module):
         scores = self.value_head(h).squeeze(-1).float() if values else None
         if values == "only":
             return scores
-        out = self.lm_head(h, targets, ignore_index, per_token)
+        out = self.lm_head(h / self.cfg.width_mult if self.cfg.mup else h, targets, ignore_index, per_token)
         return (out, scores) if values else out
 
     def num_params(self, embedding=True):

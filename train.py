@@ -44,18 +44,83 @@ from model import MoE, Transformer
 # ----------------------------------------------------------------------------------------
 # Optimizer and learning-rate schedule
 
-def build_optimizer(named, o: OptimConfig, device):
-    """AdamW over (name, tensor) pairs; weight decay only on matrices of the blocks (stacked
-    experts, the router and Mamba's convolution included) and the head. Norm gains,
-    embeddings and Mamba's A_log and D are not decayed: shrinking them toward 0 is not a
-    useful prior (GPT-3, nanoGPT; Mamba's reference code); a tied head follows the embedding."""
-    decay, no_decay = [], []
+def build_optimizer(named, o: OptimConfig, device, model_cfg=None):
+    """AdamW, or Muon for the hidden matrices and AdamW for the rest, over (name, tensor) pairs.
+    Weight decay only on matrices of the blocks (stacked experts, the router and Mamba's
+    convolution included) and the head; norm gains, embeddings and Mamba's A_log and D are not
+    decayed: shrinking them toward 0 is not a useful prior (GPT-3, nanoGPT; Mamba's reference
+    code); a tied head follows the embedding. Each group's "lr_scale" multiplies the schedule's
+    rate (set_lr): muP's 1/width_mult for hidden matrices under AdamW, muon_lr / lr for Muon's."""
+    mult = model_cfg.width_mult if model_cfg is not None else 1.0
+    groups = {}
     matrices = ("proj.weight", "_proj", "router.weight", "conv1d.weight")
     for name, p in named:
-        (decay if name.endswith(matrices) or name == "lm_head.weight" else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+        decay = name.endswith(matrices) or name == "lm_head.weight"
+        hidden = decay and name != "lm_head.weight"
+        muon = o.name == "muon" and hidden and p.dim() >= 2 and not name.endswith("conv1d.weight")
+        key = (decay, hidden, muon)
+        groups.setdefault(key, {"params": [], "weight_decay": o.weight_decay if decay else 0.0, "muon": muon,
+                                "lr_scale": o.muon_lr / o.lr if muon else 1 / mult if hidden else 1.0})
+        groups[key]["params"].append(p)
+    if o.name == "muon":
+        return Muon(list(groups.values()), o.lr, (o.beta1, o.beta2), o.eps, o.muon_momentum)
+    return torch.optim.AdamW(list(groups.values()), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                              fused=device.type == "cuda")
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+
+
+def newton_schulz(g, steps=5):
+    """Approximately the semi-orthogonal matrix nearest g (U V^T of its SVD, batched over leading
+    dimensions): a quintic Newton-Schulz iteration whose coefficients maximise the slope at 0,
+    so small singular values grow fast; they end in about [0.7, 1.2], not at 1 exactly, which
+    trains as well (Jordan et al. 2024, Muon; modded-nanogpt)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.float()
+    tall = x.shape[-2] > x.shape[-1]
+    x = x.mT if tall else x  # iterate on the smaller Gram matrix
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.mT if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024) on the groups marked "muon": SGD momentum with Nesterov, the
+    update orthogonalised (newton_schulz) and scaled by sqrt(max(1, rows / cols)) as in
+    modded-nanogpt and nanochat; decoupled weight decay. AdamW (Loshchilov and Hutter 2019) on
+    the others (embeddings, head, vectors). One optimizer, so one state and one checkpoint
+    format: Muon's momentum is kept as exp_avg."""
+
+    def __init__(self, groups, lr, betas, eps, momentum):
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, momentum=momentum))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in (p for p in group["params"] if p.grad is not None):
+                state, grad = self.state[p], p.grad.float()
+                if not state:
+                    state.update(exp_avg=torch.zeros_like(p, dtype=torch.float32), step=torch.tensor(0.0))
+                    if not group["muon"]:
+                        state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                p.mul_(1 - lr * wd)
+                if group["muon"]:
+                    buf = state["exp_avg"].mul_(group["momentum"]).add_(grad)
+                    update = newton_schulz(grad.add(buf, alpha=group["momentum"]))
+                    p.add_(update.to(p.dtype), alpha=-lr * max(1.0, p.shape[-2] / p.shape[-1]) ** 0.5)
+                    continue
+                (beta1, beta2), t = group["betas"], state["step"].item()
+                state["exp_avg"].lerp_(grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+                p.addcdiv_((state["exp_avg"] / (1 - beta1 ** t)).to(p.dtype), denom.to(p.dtype), value=-lr)
 
 
 def lr_at(step, o: OptimConfig):
@@ -92,11 +157,14 @@ def fmt_time(s):
 
 
 class MetricsLog:
-    """One line per interval on stdout and the same as JSON lines in metrics.jsonl."""
+    """One line per interval on stdout and the same as JSON lines in metrics.jsonl, and its
+    numbers to the tracking backends of log.backends that are installed."""
 
-    def __init__(self, run_dir, enabled):
+    def __init__(self, run_dir, enabled, backends="", cfg=None):
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        names = [b.strip() for b in backends.split(",") if b.strip()] if enabled else []
+        self.trackers = [t for t in (tracker(name, run_dir, cfg) for name in names) if t]
 
     def rewind(self, step):
         """Drop the metrics past a checkpoint we go back to (resume, rollback): the run redoes
@@ -112,6 +180,33 @@ class MetricsLog:
             print(text, flush=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            scalars = {k: v for k, v in record.items() if type(v) in (int, float) and k != "step"}
+            for log in self.trackers:
+                log(scalars, record["step"])
+
+
+def tracker(name, run_dir, cfg):
+    """log(scalars, step) for an experiment-tracking backend, or None with one warning when its
+    package is not installed: TensorBoard (event files in RUN_DIR/tensorboard), Weights & Biases
+    and MLflow (their own settings, e.g. WANDB_PROJECT, MLFLOW_TRACKING_URI, from the environment)."""
+    params = {f"{s}.{k}": v for s, table in dataclasses.asdict(cfg).items() for k, v in table.items()} if cfg else {}
+    try:
+        if name == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            return lambda scalars, step: [writer.add_scalar(k, v, step) for k, v in scalars.items()] + [writer.flush()]
+        if name == "wandb":
+            import wandb
+            name = os.path.basename(os.path.abspath(run_dir))
+            run = wandb.init(dir=run_dir, name=name, config=params, resume="allow")
+            return lambda scalars, step: run.log(scalars, step=step)
+        import mlflow
+        mlflow.start_run(run_name=os.path.basename(os.path.abspath(run_dir)))
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        return lambda scalars, step: mlflow.log_metrics({k.replace("/", "_"): v for k, v in scalars.items()}, step=step)
+    except ImportError as e:
+        print(f"warning: log.backends: {name} is not installed ({e}); logging to metrics.jsonl only", file=sys.stderr)
+        return None
 
 
 def estimate(cfg, gpu="H100", mfu=0.4, usd_per_hour=2.5):
@@ -358,8 +453,8 @@ def start(cfg, resume=None, start_over=False):
     first_shard = data.find_shards(next(iter(data.sources(d.train).values())))[0]
     bos = data.read_sidecar(first_shard).get("bos_id") if d.doc_mask else None
     run = Run(cfg, grid, device, autocast, model, dp, named, optimizer, loader, val_loaders, token_bytes, bos,
-              MetricsLog(cfg.log.dir, master), checkpoint.CheckpointWriter(cfg.checkpoint.asynchronous), ckpt_dir,
-              master)
+              MetricsLog(cfg.log.dir, master, cfg.log.backends, cfg),
+              checkpoint.CheckpointWriter(cfg.checkpoint.asynchronous), ckpt_dir, master)
     if begin:
         restore(run, begin, weights=False)
         run.log.rewind(run.step)
@@ -384,7 +479,7 @@ def build(cfg, grid, device, weights=None):
         checkpoint.load_weights(model, dp, named, weights, grid)
     if cfg.train.compile:
         model.compile()
-    return model, dp, named, build_optimizer(named, cfg.optim, device)
+    return model, dp, named, build_optimizer(named, cfg.optim, device, cfg.model)
 
 
 def whole_model_size(cfg):
@@ -415,9 +510,7 @@ def train_step(run, guard):
     gradient norm and clipping, and the update unless the guard rejects it. Returns
     (loss, grad_norm, the ids of the batches, verdict)."""
     cfg = run.cfg
-    lr = lr_at(run.step, cfg.optim)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(run.optimizer, lr_at(run.step, cfg.optim))
     batches, batch_ids = [], []
     for _ in range(cfg.data.grad_accum):
         batches.append(tuple(t.to(run.device, non_blocking=True) for t in run.loader.next_batch()))

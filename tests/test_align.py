@@ -139,7 +139,8 @@ def test_every_layout_reads_to_the_same_messages():
     assert align.conversation({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
                               "x") == want
     assert align.conversation({"instruction": "Hi", "input": "", "output": "Hello"}, "x") == want
-    assert align.conversation({"instruction": "Say", "input": "hi", "output": "Hello"}, "x")[0]["content"] == "Say\n\nhi"
+    alpaca = align.conversation({"instruction": "Say", "input": "hi", "output": "Hello"}, "x")
+    assert alpaca[0]["content"] == "Say\n\nhi"
     pair = ([{"role": "user", "content": "Hi"}], "Good", "Bad")
     assert align.preference({"prompt": "Hi", "chosen": "Good", "rejected": "Bad"}, "x") == pair
     assert align.preference({"prompt": "Hi", "chosen": [{"role": "user", "content": "Hi"},
@@ -191,7 +192,8 @@ def test_malformed_chat_line_names_file_and_line(tmp_path, line, message):
 @pytest.mark.parametrize("row,message", [
     ({"prompt": "hi", "chosen": "a"}, "needs chosen and rejected"),
     ({"prompt": "hi", "chosen": "a", "rejected": 3}, "chosen and rejected must be"),
-    ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: other\n\nAssistant: c"}, "share the transcript"),
+    ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: other\n\nAssistant: c"},
+     "share the transcript"),
     ({"chosen": "no transcript", "rejected": "x"}, "Human: and Assistant:"),
 ])
 def test_malformed_preference_line_names_file_and_line(tmp_path, row, message):

@@ -93,7 +93,7 @@ def test_no_weight_decay_on_norms_and_embeddings(tiny_config):
     m = Transformer(tiny_config().model)
     opt = train.build_optimizer(list(m.named_parameters()), OptimConfig(weight_decay=0.1), torch.device("cpu"))
     names = {id(p): n for n, p in m.named_parameters()}
-    decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] for p in g["params"]}
     assert "embed.weight" not in decayed and "norm.weight" not in decayed and "lm_head.weight" in decayed
     assert "layers.0.attn.q_proj.weight" in decayed
     assert not any("norm" in n for n in decayed)
