@@ -18,6 +18,7 @@ objectives need each whole sequence's log-probability on one rank.
 """
 import argparse
 import dataclasses
+import functools
 import glob
 import gzip
 import importlib
@@ -27,7 +28,6 @@ import random
 import re
 import sys
 import time
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -197,11 +197,8 @@ def pair_ids(tok, prompt, chosen, rejected):
     """(ids, labels) of prompt + chosen and of prompt + rejected, labels on the answers."""
     head = chat_ids(tok, prompt, generation_prompt=True)[0]
     end = tok.token_to_id("<|end|>")
-    rows = []
-    for text in (chosen, rejected):
-        body = tok.encode(text, add_special_tokens=False).ids + [end]
-        rows.append((head + body, [-100] * len(head) + body))
-    return rows
+    bodies = [tok.encode(text, add_special_tokens=False).ids + [end] for text in (chosen, rejected)]
+    return [(head + body, [-100] * len(head) + body) for body in bodies]
 
 
 def fit(rows, limit, counter):
@@ -244,19 +241,12 @@ class Examples:
     def batches(self, step):
         """This rank's grad_accum micro-batches of step."""
         n, b = len(self.items), self.d.micro_batch
-        first = step * b * self.d.grad_accum * self.dp
-        out = []
-        for k in range(self.d.grad_accum):
-            at = first + (k * self.dp + self.rank) * b
-            out.append([self.items[self.order(i // n)[i % n]] for i in range(at, at + b)])
-        return out
+        starts = [(step * self.d.grad_accum + k) * b * self.dp + self.rank * b for k in range(self.d.grad_accum)]
+        return [[self.items[self.order(i // n)[i % n]] for i in range(at, at + b)] for at in starts]
 
+    @functools.lru_cache(maxsize=2)
     def order(self, epoch):
-        if getattr(self, "_epoch", None) != epoch:
-            self._epoch = epoch
-            self._order = torch.randperm(len(self.items), generator=torch.Generator().manual_seed(
-                self.d.seed + epoch)).tolist()
-        return self._order
+        return torch.randperm(len(self.items), generator=torch.Generator().manual_seed(self.d.seed + epoch)).tolist()
 
     def state_dict(self):
         return {"items": len(self.items)}
@@ -547,7 +537,7 @@ def start(cfg, resume=None, start_over=False):
     device, autocast = train.setup_device(cfg, local_rank)
     grid = parallel.make_grid(cfg.parallel, cfg.model, cfg.data)
     ckpt_dir = cfg.checkpoint.dir or os.path.join(cfg.log.dir, "checkpoints")
-    begin = train.on_rank0(partial(train.prepare_run_dir, cfg, ckpt_dir, resume, start_over), rank == 0)
+    begin = train.on_rank0(functools.partial(train.prepare_run_dir, cfg, ckpt_dir, resume, start_over), rank == 0)
     model, dp, named, optimizer = train.build(cfg, grid, device, begin or cfg.train.init_from)
     run = train.Run(cfg, grid, device, autocast, model, dp, named, optimizer, Examples(items, cfg.data, grid.dp_rank,
                     grid.dp), {}, None, None, train.MetricsLog(cfg.log.dir, rank == 0, cfg.log.backends, cfg),

@@ -69,8 +69,7 @@ def fill(model, targets, source, grid, where):
     for what, names in (("missing", whole.keys() - source.keys()), ("unexpected", source.keys() - whole.keys())):
         if names:
             raise CheckpointError(f"{where}: {what} tensors {sorted(names)[:5]}")
-    wrong = [f"{n} is {source[n][0]}, the model's is {s}" for n, s in whole.items() if tuple(source[n][0]) != s]
-    if wrong:
+    if wrong := [f"{n} is {source[n][0]}, the model's is {s}" for n, s in whole.items() if tuple(source[n][0]) != s]:
         raise CheckpointError(f"{where}: shapes differ from the model's config: " + "; ".join(wrong[:3]))
     with torch.no_grad():
         for name, t in targets:
@@ -81,8 +80,7 @@ def fill(model, targets, source, grid, where):
 def load_weights(model, dp, named, path, grid):
     """A checkpoint's (or Hugging Face directory's) weights into a built run: under ZeRO each
     rank reads only its slices and all-gathers the rest (ZeRO-3's blocks gather on use)."""
-    source = weights_source(path, model.cfg)
-    fill(model, named if dp.zero else model.named_parameters(), source, grid, path)
+    fill(model, named if dp.zero else model.named_parameters(), weights_source(path, model.cfg), grid, path)
     dp.after_step()
 
 
@@ -94,10 +92,9 @@ def weights_source(path, model_cfg):
     if not hf and not os.path.exists(os.path.join(path, "config.toml")):
         raise CheckpointError(f"{path}: neither a checkpoint (config.toml) nor a Hugging Face directory (config.json)")
     saved = read_hf_config(path) if hf else load_config(os.path.join(path, "config.toml")).model
-    differ = [f"model.{k} is {getattr(saved, k)!r} there, {getattr(model_cfg, k)!r} here" for k in vars(saved)
-              if k not in ("init_std", "max_seq_len", "value_head", "vocab_multiple" if hf else "") and
-              getattr(saved, k) != getattr(model_cfg, k)]
-    if differ:
+    if differ := [f"model.{k} is {getattr(saved, k)!r} there, {getattr(model_cfg, k)!r} here" for k in vars(saved)
+                  if k not in ("init_std", "max_seq_len", "value_head", "vocab_multiple" if hf else "") and
+                  getattr(saved, k) != getattr(model_cfg, k)]:
         raise CheckpointError(f"{path} holds another model: " + "; ".join(differ))
     source = hf_source(path, model_cfg) if hf else checkpoint_source(path)
     if not model_cfg.value_head:  # a reward or PPO model's weights serve as a language model's
@@ -190,10 +187,9 @@ def load_box(path, key, box):
 
 
 def file_source(paths, rename=lambda key: key, padded=None):
-    """A source over whole tensors in safetensors files (a Hugging Face checkpoint). rename
-    maps a key on disk to model.py's name, to (name, e) for expert e of a stacked (E, ...)
-    tensor stored one expert per key, or to None to skip it; padded {name: shape} gives a
-    tensor a larger whole shape, whose part past the file's reads as zeros."""
+    """A source over whole tensors in safetensors files (a Hugging Face checkpoint). rename maps a key on disk to
+    model.py's name, to (name, e) for expert e of a stacked (E, ...) tensor stored one expert per key, or to None to
+    skip it; padded {name: shape} gives a tensor a larger whole shape, whose part past the file's reads as zeros."""
     pieces, shapes = {}, {}
     for path in paths:
         if not os.path.exists(path):
@@ -236,10 +232,9 @@ def load_model(path, device="cpu"):
 
 
 def load_optimizer_state(optimizer, named, path, grid):
-    """Put a checkpoint's AdamW state back: for each tensor the optimizer updates (a parameter,
-    or under ZeRO its slice), the same piece of each moment. `step` goes where torch's own
-    load_state_dict puts it: on the parameter's device for fused or capturable AdamW (their
-    kernels reject a CPU step on CUDA), on the CPU otherwise."""
+    """Put a checkpoint's AdamW state back: for each tensor the optimizer updates (a parameter, or under ZeRO its
+    slice), the same piece of each moment. `step` goes where torch's own load_state_dict puts it: on the parameter's
+    device for fused or capturable AdamW (their kernels reject a CPU step on CUDA), on the CPU otherwise."""
     source = checkpoint_source(path, "optimizer")
     on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
     for name, t in named:
@@ -256,26 +251,22 @@ def load_optimizer_state(optimizer, named, path, grid):
 
 def step_dirs(ckpt_dir):
     """Finished checkpoints, oldest first."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    return sorted(os.path.join(ckpt_dir, d) for d in os.listdir(ckpt_dir) if d.startswith("step_"))
+    names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+    return sorted(os.path.join(ckpt_dir, d) for d in names if d.startswith("step_"))
 
 
 def snapshot(model, named, optimizer, grid, zero):
-    """The pieces this rank writes, as CPU copies (what an asynchronous writer writes while
-    training goes on): {"model" | "optimizer": [(name, whole shape, box, tensor)]}. A rank
-    writes its ZeRO slices or, without ZeRO, its whole part if it is dp and cp rank 0 (its
-    experts if it is in the first group of ep ranks); a
-    tensor held whole by every tp rank (or a tied head, by both end stages) by one of them."""
+    """The pieces this rank writes, as CPU copies (what an asynchronous writer writes while training goes on):
+    {"model" | "optimizer": [(name, whole shape, box, tensor)]}. A rank writes its ZeRO slices or, without ZeRO, its
+    whole part if it is dp and cp rank 0 (its experts if it is in the first group of ep ranks); a tensor held whole by
+    every tp rank (or a tied head, by both end stages) by one of them."""
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in Transformer(model.cfg).named_parameters()}
     def writes(name):
         return grid.cp_rank == 0 and (grid.dp_rank == 0 or name in grid.ep_sharded and grid.dp_rank < grid.ep)
     mine = named if zero else [(parallel.canonical(n, grid), p) for n, p in model.named_parameters() if writes(n)]
     out = {"model": [], "optimizer": []}
-    for name, t in mine:
-        if not parallel.counts_once(name, grid):
-            continue
+    for name, t in ((n, t) for n, t in mine if parallel.counts_once(n, grid)):
         spec, flat = parallel.piece_of(name, t, grid)
         boxes = flat_boxes(part_box(shapes[name], spec), *flat) if flat else [part_box(shapes[name], spec)]
         state = optimizer.state.get(t, {})
@@ -290,11 +281,10 @@ def snapshot(model, named, optimizer, grid, zero):
 
 
 def save_checkpoint(ckpt_dir, step, pieces, state, cfg, permanent=False, rank=0, group=None):
-    """Write step_NNNNNNN atomically, every rank its own pieces (snapshot) into a temporary
-    directory; rank 0 then writes the index of where every piece is, the state, and the
-    manifest of every rank's files and their sha256, renames the directory, and drops old
-    checkpoints beyond the newest checkpoint.keep, except permanent ones. `group` (a gloo
-    group of every rank) lets ranks wait for each other from the writer thread."""
+    """Write step_NNNNNNN atomically, every rank its own pieces (snapshot) into a temporary directory; rank 0 then
+    writes the index of where every piece is, the state, and the manifest of every rank's files and their sha256,
+    renames the directory, and drops old checkpoints beyond the newest checkpoint.keep, except permanent ones. `group`
+    (a gloo group of every rank) lets ranks wait for each other from the writer thread."""
     final, tmp = (os.path.join(ckpt_dir, f"{p}step_{step:07d}") for p in ("", ".tmp_"))
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -302,17 +292,16 @@ def save_checkpoint(ckpt_dir, step, pieces, state, cfg, permanent=False, rank=0,
     if group is not None:
         dist.barrier(group=group)
     try:
-        index, files = {"model": {}, "optimizer": {}}, {}
+        placed, files = [], {}  # (kind, key, whole shape, [file, key in the file, box]) of each piece
         for kind, entries in pieces.items():
             name = f"{kind}-{rank:05d}.safetensors"
             tensors = {f"{key}#{i}": t.contiguous() for i, (key, _, _, t) in enumerate(entries)}
-            for i, (key, shape, box, _) in enumerate(entries):
-                index[kind].setdefault(key, {"shape": shape, "pieces": []})["pieces"].append([name, f"{key}#{i}", box])
+            placed += [(kind, key, shape, [name, f"{key}#{i}", box]) for i, (key, shape, box, _) in enumerate(entries)]
             if tensors:
                 save_file(tensors, os.path.join(tmp, name))
                 files[name] = {"bytes": os.path.getsize(os.path.join(tmp, name)),
                                "sha256": file_sha256(os.path.join(tmp, name))}
-        mine = (index, files)
+        mine = (placed, files)
     except Exception as e:  # noqa: BLE001 — sent to rank 0, which reports it; nothing is renamed
         mine = e
     gathered = [mine]
@@ -321,22 +310,18 @@ def save_checkpoint(ckpt_dir, step, pieces, state, cfg, permanent=False, rank=0,
         dist.gather_object(mine, gathered, dst=0, group=group)
     if rank != 0:
         return None
-    for result in gathered:
-        if isinstance(result, Exception):
-            raise result
+    if errors := [result for result in gathered if isinstance(result, Exception)]:
+        raise errors[0]
     index = {"model": {}, "optimizer": {}}
-    for part, _ in gathered:
-        for kind in index:
-            for key, t in part[kind].items():
-                index[kind].setdefault(key, {"shape": t["shape"], "pieces": []})["pieces"] += t["pieces"]
+    for kind, key, shape, piece in (p for rank_placed, _ in gathered for p in rank_placed):
+        index[kind].setdefault(key, {"shape": shape, "pieces": []})["pieces"].append(piece)
     for name, text in (("index.json", json.dumps(index)), ("state.json", json.dumps(state)),
                        ("config.toml", to_toml(cfg))):
         with open(os.path.join(tmp, name), "w") as f:
             f.write(text)
     # An alignment run has no token shards: its tokenizer is the one of the model it started from.
-    tokenizer = data.tokenizer_path(cfg.data.train) if cfg.data.train else os.path.join(cfg.train.init_from,
-                                                                                        "tokenizer.json")
-    shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.json"))
+    shutil.copyfile(data.tokenizer_path(cfg.data.train) if cfg.data.train else
+                    os.path.join(cfg.train.init_from, "tokenizer.json"), os.path.join(tmp, "tokenizer.json"))
     files = {n: meta for _, rank_files in gathered for n, meta in rank_files.items()}
     files.update({n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": file_sha256(os.path.join(tmp, n))}
                   for n in ("index.json", "state.json", "config.toml", "tokenizer.json")})
@@ -413,10 +398,9 @@ def resolve_resume(ckpt_dir, resume):
 
 
 class CheckpointWriter:
-    """Runs checkpoint writes on a background thread from a CPU snapshot, so training goes
-    on while files are written; a new write (or the end of training) first waits for the
-    previous one. A failed write is reported, never silently lost; the checkpoints already
-    on disk are untouched because a write only becomes visible by its final rename."""
+    """Runs checkpoint writes on a background thread from a CPU snapshot, so training goes on while files are written; a
+    new write (or the end of training) first waits for the previous one. A failed write is reported, never silently
+    lost; the checkpoints already on disk are untouched because a write only becomes visible by its final rename."""
 
     def __init__(self, asynchronous):
         self.asynchronous, self.thread, self.error = asynchronous, None, None
@@ -442,8 +426,7 @@ class CheckpointWriter:
         """Block until the write in flight is done; return its exception, if it failed."""
         if self.thread is not None:
             self.thread.join()
-            self.thread = None
-        error, self.error = self.error, None
+        error, self.error, self.thread = self.error, None, None
         return error
 
 
@@ -484,17 +467,14 @@ def hf_rename(name, reverse=False, names=HF_NAMES):
     for ours, theirs in names:
         src, dst = (theirs, ours) if reverse else (ours, theirs)
         pattern = re.escape(src).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{w\}", r"(?P<w>\w+)")
-        pattern = pattern.replace(r"\{p\}", r"(?P<p>[\w.]+)")
-        m = re.fullmatch(pattern, name)
-        if m:
+        if m := re.fullmatch(pattern.replace(r"\{p\}", r"(?P<p>[\w.]+)"), name):
             return dst.format(**m.groupdict())
     raise KeyError(name)
 
 
 def save_hf(model, out_dir, dtype=torch.float32):
-    """Write config.json and model.safetensors that transformers' LlamaForCausalLM (or
-    Qwen3ForCausalLM when the model uses QK-norm, MixtralForCausalLM when it has experts)
-    loads with equal logits."""
+    """Write config.json and model.safetensors that transformers' LlamaForCausalLM (or Qwen3ForCausalLM when the model
+    uses QK-norm, MixtralForCausalLM when it has experts) loads with equal logits."""
     c = model.cfg
     if c.width_mult != 1:
         raise CheckpointError("model.mup: its logit and attention multipliers have no counterpart in transformers' "
@@ -509,17 +489,14 @@ def save_hf(model, out_dir, dtype=torch.float32):
             raise CheckpointError("Mixtral has experts in every layer, no shared expert and no QK-norm: this model "
                                   "(model.moe_every, moe_shared_experts, qk_norm) has no Hugging Face counterpart here")
         arch, model_type = "MixtralForCausalLM", "mixtral"
-    config = {
-        "architectures": [arch], "model_type": model_type,
-        "vocab_size": c.vocab_size, "hidden_size": c.d_model, "intermediate_size": c.d_ff,
-        "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
-        "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim,
-        "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.norm_eps,
-        # transformers < 5 reads rope_theta, >= 5 reads rope_parameters: write both.
-        "rope_theta": c.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
-        "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
-        "mlp_bias": False, "initializer_range": c.init_std, "torch_dtype": str(dtype).removeprefix("torch."),
-    }
+    config = {"architectures": [arch], "model_type": model_type, "vocab_size": c.vocab_size, "hidden_size": c.d_model,
+              "intermediate_size": c.d_ff, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+              "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "max_position_embeddings": c.max_seq_len,
+              "rms_norm_eps": c.norm_eps,
+              # transformers < 5 reads rope_theta, >= 5 reads rope_parameters: write both.
+              "rope_theta": c.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+              "tie_word_embeddings": c.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
+              "mlp_bias": False, "initializer_range": c.init_std, "torch_dtype": str(dtype).removeprefix("torch.")}
     if c.moe_experts:  # Mixtral's intermediate_size is an expert's; it is dropless, like moe_capacity_factor 0
         config.update(intermediate_size=c.moe_d_ff, num_local_experts=c.moe_experts,
                       num_experts_per_tok=c.moe_top_k, router_aux_loss_coef=c.moe_aux_loss, sliding_window=None)
@@ -569,9 +546,8 @@ def config_from_hf(hf, where="config.json"):
         rank = hf.get("time_step_rank", "auto")
         return ModelConfig(
             vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=1,
-            n_kv_heads=1, block_pattern="M" * hf["num_hidden_layers"], ssm_state=hf.get("state_size", 16),
-            ssm_conv=hf.get("conv_kernel", 4), ssm_expand=hf.get("expand", 2),
-            ssm_dt_rank=0 if rank == "auto" else rank,
+            n_kv_heads=1, block_pattern="M" * hf["num_hidden_layers"], ssm_dt_rank=0 if rank == "auto" else rank,
+            ssm_state=hf.get("state_size", 16), ssm_conv=hf.get("conv_kernel", 4), ssm_expand=hf.get("expand", 2),
             norm_eps=hf.get("layer_norm_epsilon", 1e-5), tie_embeddings=hf.get("tie_word_embeddings", True),
             max_seq_len=hf.get("max_position_embeddings", 2048))
     if hf.get("sliding_window") and hf["sliding_window"] < hf.get("max_position_embeddings", 2048):

@@ -205,8 +205,7 @@ def config_from_dict(d, where="config"):
     if "M" in cfg.model.block_pattern and cfg.data.doc_mask:
         raise ConfigError(f"{where}: data.doc_mask with Mamba layers (model.block_pattern): the scan carries its "
                           "state across documents; use data.doc_mask = false")
-    unknown = {b.strip() for b in cfg.log.backends.split(",") if b.strip()} - {"tensorboard", "wandb", "mlflow"}
-    if unknown:
+    if unknown := {b.strip() for b in cfg.log.backends.split(",") if b.strip()} - {"tensorboard", "wandb", "mlflow"}:
         raise ConfigError(f"{where}: log.backends: unknown {sorted(unknown)}; choose from tensorboard, wandb, mlflow")
     if cfg.optim.name == "muon" and (cfg.parallel.tp > 1 or cfg.parallel.zero):
         raise ConfigError(f"{where}: optim.name = \"muon\" with parallel.tp or zero: Muon orthogonalises whole "
@@ -261,10 +260,6 @@ def to_toml(cfg):
             keys = [k if k.isidentifier() else json.dumps(k) for k in v]
             return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in zip(keys, v.values())) + " }"
         return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
-    lines = []
-    for section in dataclasses.fields(cfg):
-        lines.append(f"[{section.name}]")
-        for k, v in dataclasses.asdict(getattr(cfg, section.name)).items():
-            lines.append(f"{k} = {value(v)}")
-        lines.append("")
-    return "\n".join(lines)
+    def section(name):
+        return f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in dataclasses.asdict(getattr(cfg, name)).items())
+    return "\n".join(section(s.name) for s in dataclasses.fields(cfg))

@@ -1,13 +1,11 @@
 """data.py — token shards on disk to (input, target) batches.
 
-A shard is NAME.bin (flat token ids) + NAME.json (dtype, count, lineage), written by
-prep/shards.py. The loader cuts every shard into windows of seq_len + 1 tokens (input =
-window[:-1], target = window[1:]; neighbouring windows share one token), shuffles the
-window order once per epoch with a seeded generator, and walks it: each optimizer
-micro-step takes the next micro_batch * dp windows and data-parallel rank r reads its own
-micro_batch of them. The position in that walk is the whole loader state, so a resumed
-run — under any data-parallel width with the same global batch — reads exactly the
-windows it would have read.
+A shard is NAME.bin (flat token ids) + NAME.json (dtype, count, lineage), written by prep/shards.py. The loader cuts
+every shard into windows of seq_len + 1 tokens (input = window[:-1], target = window[1:]; neighbouring windows share
+one token), shuffles the window order once per epoch with a seeded generator, and walks it: each optimizer micro-step
+takes the next micro_batch * dp windows and data-parallel rank r reads its own micro_batch of them. The position in
+that walk is the whole loader state, so a resumed run — under any data-parallel width with the same global batch —
+reads exactly the windows it would have read.
 """
 import glob
 import json
@@ -53,8 +51,7 @@ def open_shard(path):
     """Memory-map a shard after checking it against its sidecar."""
     meta = read_sidecar(path)
     dtype, n = meta["dtype"], meta["tokens"]
-    size = os.path.getsize(path)
-    if size != n * dtype.itemsize:
+    if (size := os.path.getsize(path)) != n * dtype.itemsize:
         raise ValueError(f"{path}: {size} bytes on disk, but its sidecar says {n} {dtype.name} tokens "
                          f"({n * dtype.itemsize} bytes): truncated or corrupt shard")
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
@@ -88,11 +85,10 @@ def tokenizer_path(spec):
 
 
 def token_byte_lengths(tokenizer_path):
-    """UTF-8 bytes of text each token id stands for (0 for special tokens): the denominator
-    of bits per byte. Each id is decoded through the tokenizer after an anchor token, so a
-    SentencePiece-style leading "\u2581" counts as the space it stands for. An id that decodes
-    to U+FFFD is part of a character: byte fallback's <0xE4> is one byte, and a byte-level
-    BPE token holds one byte per character of its string (GPT-2's byte-to-unicode map)."""
+    """UTF-8 bytes of text each token id stands for (0 for special tokens): the denominator of bits per byte. Each id is
+    decoded through the tokenizer after an anchor token, so a SentencePiece-style leading "\u2581" counts as the space
+    it stands for. An id that decodes to U+FFFD is part of a character: byte fallback's <0xE4> is one byte, and a
+    byte-level BPE token holds one byte per character of its string (GPT-2's byte-to-unicode map)."""
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(tokenizer_path)
     anchor = tok.encode("a", add_special_tokens=False).ids[-1]
@@ -100,10 +96,8 @@ def token_byte_lengths(tokenizer_path):
     pairs = [[anchor, i] for i in range(tok.get_vocab_size(with_added_tokens=True))]
     for i, text in enumerate(tok.decode_batch(pairs)):  # special tokens are skipped: they decode to ""
         rest, token = text[len(head):], tok.id_to_token(i)
-        if "\ufffd" not in rest:
-            lengths.append(len(rest.encode()))
-        else:
-            lengths.append(1 if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token) else len(token))
+        lengths.append(len(rest.encode()) if "\ufffd" not in rest else
+                       1 if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token) else len(token))
     return lengths
 
 
@@ -112,24 +106,20 @@ class Loader:
         self.shards = [open_shard(p) for p in find_shards(pattern, key)]
         self.seq_len, self.micro_batch, self.rank, self.world = seq_len, micro_batch, rank, world
         self.seed, self.shuffle = seed, shuffle
-        counts = [(len(s) - 1) // seq_len for s in self.shards]
-        self.starts = np.cumsum([0] + counts)  # window index -> shard via searchsorted
+        self.starts = np.cumsum([0] + [(len(s) - 1) // seq_len for s in self.shards])  # window -> shard: searchsorted
         self.n_windows = int(self.starts[-1])
         if self.n_windows < micro_batch * world:
             raise ValueError(f"{key}: {self.n_windows} windows of {seq_len + 1} tokens, fewer than one "
                              f"global micro-batch ({micro_batch} x {world} ranks)")
-        self.epoch, self.pos = 0, 0
+        self.epoch, self.pos, self._order = 0, 0, None
         self.skip = set()      # (epoch, pos) of global batches never to read again (loss spikes)
         self.last_batch = None  # (epoch, pos) of the batch just returned: its id in logs
-        self._order = None
 
     def order(self):
         """This epoch's window order; the same for a seed and epoch on every rank."""
         if self._order is None:
-            if self.shuffle:
-                self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
-            else:
-                self._order = np.arange(self.n_windows)
+            self._order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows) if self.shuffle
+                           else np.arange(self.n_windows))
         return self._order
 
     def window(self, w):
@@ -177,25 +167,24 @@ class Mixture:
         self.loaders = {name: Loader(s["path"], seq_len, 1, seed=seed + i, key=f"{key}.{name}")
                         for i, (name, s) in enumerate(sources.items())}
         weights = np.array([s["weight"] for s in sources.values()], dtype=np.float64)
-        self.p, self.seq_len, self.micro_batch, self.rank, self.world = weights / weights.sum(), seq_len, \
-            micro_batch, rank, world
+        self.p = weights / weights.sum()
+        self.seq_len, self.micro_batch, self.rank, self.world = seq_len, micro_batch, rank, world
         self.seed, self.step, self.skip, self.last_batch = seed, 0, set(), None
         self.windows = dict.fromkeys(self.loaders, 0)  # drawn from each source, by every rank together
 
     def next_batch(self):
-        names = list(self.loaders)
+        names, n = list(self.loaders), self.micro_batch * self.world
         while True:
             self.last_batch = (0, self.step)
-            picks = np.random.default_rng([self.seed, self.step]).choice(len(names), self.micro_batch * self.world,
-                                                                         p=self.p)
-            drawn = [(names[i], self.loaders[names[i]].advance(1)[0]) for i in picks]
+            rng = np.random.default_rng([self.seed, self.step])
+            drawn = [(names[i], self.loaders[names[i]].advance(1)[0]) for i in rng.choice(len(names), n, p=self.p)]
             self.step += 1
             for name, _ in drawn:
                 self.windows[name] += 1
             if self.last_batch not in self.skip:
                 break
-        batch = torch.stack([self.loaders[n].window(int(w)) for n, w in drawn[self.rank * self.micro_batch:]
-                             [:self.micro_batch]])
+        mine = drawn[self.rank * self.micro_batch:][:self.micro_batch]
+        batch = torch.stack([self.loaders[name].window(int(w)) for name, w in mine])
         return batch[:, :-1], batch[:, 1:]
 
     def epochs(self):

@@ -56,4 +56,10 @@ python infer.py --checkpoint "$aligned" --prompt "<|bos|><|user|>List these name
     --temperature 0 --max-new-tokens 24 --report "$RUN/report.md"
 echo "   serve the aligned model with its chat page: python infer.py --serve --checkpoint $aligned"
 
+if python -c "import matplotlib" 2>/dev/null; then  # an optional extra
+    python scripts/plot.py "$RUN" --out curves.png --report "$RUN/report.md"
+else
+    echo "   pip install matplotlib to draw the training curves into report.md (scripts/plot.py)"
+fi
+
 echo "== done in $(( $(date +%s) - start ))s; the report card is $RUN/report.md"

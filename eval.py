@@ -1,17 +1,15 @@
-"""eval.py — evaluation: multiple-choice benchmarks, perplexity and bits per byte,
-in-training monitoring, and a signal report that says which benchmarks to trust (across
-seeds: scripts/ablation.py prints it from the in-training curves).
+"""eval.py — evaluation: multiple-choice benchmarks, perplexity and bits per byte, in-training monitoring, and a
+signal report of which benchmarks to trust (across seeds: scripts/ablation.py prints it from the in-training curves).
 
     python eval.py --checkpoint DIR --tasks hellaswag=hs.jsonl,arc_easy=arc.jsonl [--mode norm|pmi|letter]
                    [--shots 5] [--limit 500] [--out results.json] [--report runs/x/report.md]
     python eval.py --checkpoint DIR --text book.txt --shards "tokens/val_*.bin"     # perplexity, bits per byte
 
-A multiple-choice question is scored by the log-likelihood the model gives each answer
-after the prompt (lm-eval-harness's `loglikelihood` requests), in one of two formulations
-(OLMES, Gu et al. 2024): cloze, where the answer text continues the prompt, which is what
-gives small models a signal; and multiple-choice format, where the options are listed as
-A/B/C/D and the letter is scored, which models only learn to use late in training and at
-larger scale (OLMES; the FineWeb ablations use cloze for the same reason).
+A multiple-choice question is scored by the log-likelihood the model gives each answer after the prompt
+(lm-eval-harness's `loglikelihood` requests), in one of two formulations (OLMES, Gu et al. 2024): cloze, where
+the answer text continues the prompt, which is what gives small models a signal; and multiple-choice format,
+where the options are listed as A/B/C/D and the letter is scored, which models only learn to use late in
+training and at larger scale (OLMES; the FineWeb ablations use cloze for the same reason).
 
 Models come from checkpoint.py (a checkpoint directory, or in-training weights); eval.py
 never imports train.py, which imports it.
@@ -45,6 +43,7 @@ MODES = {"norm": ("acc", "acc_token", "acc_norm"),  # cloze, scored three ways
          "pmi": ("acc", "acc_token", "acc_norm", "acc_pmi"),
          "letter": ("acc",)}
 HEADLINE = {"norm": "acc_norm", "pmi": "acc_pmi", "letter": "acc"}
+MMLU_COLUMNS = ["question", "choice0", "choice1", "choice2", "choice3", "answer"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -52,9 +51,8 @@ HEADLINE = {"norm": "acc_norm", "pmi": "acc_pmi", "letter": "acc"}
 
 @dataclass
 class Example:
-    """A multiple-choice question. Cloze: choice i is scored as the continuation " " + choice
-    after `context`. Partial (Winogrande, suffix set): choice i completes `context` and the
-    continuation scored is `suffix`, the same text for every choice."""
+    """A multiple-choice question. Cloze: choice i is scored as the continuation " " + choice after `context`. Partial
+    (Winogrande, suffix set): choice i completes `context`, and `suffix` is the continuation scored for every choice."""
     context: str
     choices: list
     gold: int
@@ -90,8 +88,7 @@ def qa(question, choices, gold, group=""):
 
 def hellaswag_clean(text):
     """lm-eval-harness's cleanup of HellaSwag's WikiHow artifacts ([title], [step], ...)."""
-    text = text.strip().replace(" [title]", ". ")
-    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+    return re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". ")).replace("  ", " ")
 
 
 def hellaswag(row):
@@ -135,11 +132,10 @@ def piqa(row):
 
 
 def winogrande(row):
-    """Partial evaluation (Trinh & Le 2018; GPT-3; lm-eval-harness): each option fills the
-    blank and the model scores the rest of the sentence after it, the same words for every
-    option, so how likely the option itself is does not decide. Reads the original format
-    (sentence with '_', option1, option2, answer '1'/'2') and the schema layout of
-    llm-foundry's export (context_options, continuation, gold)."""
+    """Partial evaluation (Trinh & Le 2018; GPT-3; lm-eval-harness): each option fills the blank and the
+    model scores the rest of the sentence after it, the same words for every option, so how likely the
+    option itself is does not decide. Reads the original format (sentence with '_', option1, option2,
+    answer '1'/'2') and the schema layout of llm-foundry's export (context_options, continuation, gold)."""
     if "context_options" in row:
         options, continuation, gold = need(row, "context_options", "continuation", "gold")
         cut = os.path.commonprefix(options).rfind(" ") + 1  # the blank starts after the last shared space
@@ -169,9 +165,6 @@ def index(value):
     if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
         raise TaskFormatError(f"gold answer {value!r} is not a whole number")
     return int(value)
-
-
-MMLU_COLUMNS = ["question", "choice0", "choice1", "choice2", "choice3", "answer"]
 
 
 def mmlu(row):
@@ -244,9 +237,8 @@ def read_mmlu_csv(path):
 
 
 def load_mmlu(path):
-    """MMLU from one CSV or a directory of them. Few-shot examples come from the subject's dev
-    split, as in the paper: the *_dev.csv files in the directory, or dev/X_dev.csv beside
-    test/X_test.csv. Every other CSV is evaluated."""
+    """MMLU from one CSV or a directory of them. Few-shot examples come from the subject's dev split, as in the
+    paper: the *_dev.csv files in the directory, or dev/X_dev.csv beside test/X_test.csv. The rest are evaluated."""
     files = sorted(glob.glob(os.path.join(path, "**", "*.csv"), recursive=True)) if os.path.isdir(path) else [path]
     tests = [f for f in files if not f.endswith("_dev.csv")]
     twins = [os.path.join(os.path.dirname(os.path.dirname(f)), "dev", os.path.basename(f).replace("_test", "_dev"))
@@ -288,40 +280,29 @@ def load_tasks(spec, limit=0, seed=0):
 def fewshot(pool_by_group, ex, k, seed):
     """k solved examples for ex, never ex itself, drawn with a seed made of `seed` and the
     example's own text: the same prompt whatever the subset, order or batch size."""
-    if k == 0:
-        return []
     candidates = pool_by_group.get(ex.group, [])
     drawn = random.Random(f"{seed}:{ex!r}").sample(candidates, min(k + 1, len(candidates)))
     return [p for p in drawn if p is not ex][:k]
 
 
-def letter_prompt(ex):
-    """The multiple-choice format (OLMES; lm-eval-harness's MMLU): options lettered, 'Answer:' last."""
-    if len(ex.choices) > len(LETTERS):
-        raise ValueError(f"letter mode supports at most {len(LETTERS)} choices, got {len(ex.choices)}")
-    options = "".join(f"\n{LETTERS[j]}. {c}" for j, c in enumerate(ex.choices))
-    return f"{ex.question or ex.context}{options}\nAnswer:"
-
-
 def requests(ex, mode, shots=()):
-    """The (context, continuation) pairs to score for ex: one per choice, then for PMI one
-    per choice after the answer-only context. Shots are solved examples in the same
-    formulation, separated by blank lines (lm-eval-harness's default delimiter)."""
+    """The (context, continuation) pairs to score for ex: one per choice, then for PMI each again after the answer-only
+    context. Shots: solved examples in the same formulation, separated by blank lines (lm-eval-harness's default)."""
     prefix = "".join(solved(s, mode) + "\n\n" for s in shots)
-    if mode == "letter":
-        return [(prefix + letter_prompt(ex), " " + LETTERS[j]) for j in range(len(ex.choices))]
-    if ex.suffix is not None:
-        reqs = [(prefix + ex.context + c, ex.suffix) for c in ex.choices]
-    else:
-        reqs = [(prefix + ex.context, " " + c) for c in ex.choices]
+    if mode == "letter":  # the multiple-choice format (OLMES; lm-eval-harness's MMLU): options lettered, 'Answer:' last
+        if len(ex.choices) > len(LETTERS):
+            raise ValueError(f"letter mode supports at most {len(LETTERS)} choices, got {len(ex.choices)}")
+        options = "".join(f"\n{LETTERS[j]}. {c}" for j, c in enumerate(ex.choices))
+        return [(f"{prefix}{ex.question or ex.context}{options}\nAnswer:", " " + x) for x in LETTERS[:len(ex.choices)]]
+    partial = ex.suffix is not None
+    reqs = [(prefix + ex.context + c, ex.suffix) if partial else (prefix + ex.context, " " + c) for c in ex.choices]
     if mode == "pmi":
         reqs += [(UNCONDITIONAL, continuation) for _, continuation in reqs]
     return reqs
 
 
 def solved(ex, mode):
-    context, continuation = requests(ex, mode)[ex.gold]
-    return context + continuation
+    return "".join(requests(ex, mode)[ex.gold])  # context + continuation
 
 
 # ----------------------------------------------------------------------------------------
@@ -333,10 +314,9 @@ def context_limit(model):
 
 
 def encode_requests(tokenizer, reqs):
-    """Token ids of (context, continuation) pairs, the context led by BOS as training documents
-    are. The two sides are encoded apart (lm-eval-harness encodes the joined text and splits
-    it): the pre-tokenizer cuts before a space-led word anyway, and every choice then shares
-    its context's tokens exactly."""
+    """Token ids of (context, continuation) pairs, the context led by BOS as training documents are. The two
+    sides are encoded apart (lm-eval-harness encodes the joined text and splits it): the pre-tokenizer cuts
+    before a space-led word anyway, and every choice then shares its context's tokens exactly."""
     bos = tokenizer.token_to_id(BOS)
     if bos is None:
         raise ValueError(f"the tokenizer has no {BOS} token (prep/tokenizer.py SPECIAL_TOKENS)")
@@ -346,24 +326,18 @@ def encode_requests(tokenizer, reqs):
 
 
 def plan_rows(encoded, limit, share_prefix=True):
-    """Rows to run: [(input ids, [(request, position of its first target, target ids)])].
-    A request's row is context + continuation minus the last token, cut on the left to
-    the model's context (lm-eval-harness); a continuation longer than the context itself
-    (rare: a few PIQA solutions at 256) is scored on its last `limit` tokens. Requests with
-    the same row share it: every single-token continuation of one context (letter mode:
-    A, B, C, D) costs one row."""
-    rows, index = [], {}
+    """Rows to run: [(input ids, [(request, position of its first target, target ids)])]. A request's row is context +
+    continuation minus the last token, cut on the left to the model's context (lm-eval-harness); a continuation longer
+    than the context itself (rare: a few PIQA solutions at 256) is scored on its last `limit` tokens. Requests with the
+    same row share it: all single-token continuations of a context (letter mode's A, B, C, D) cost one row."""
+    rows = {}  # shared row (or, without sharing, request index) -> (row, its requests)
     for i, (context, continuation) in enumerate(encoded):
         if not continuation:
             raise ValueError(f"request {i}: an empty continuation has nothing to score")
         row = tuple((context + continuation)[-(limit + 1):-1])
         targets = continuation[-limit:]
-        r = index.get(row) if share_prefix else None
-        if r is None:
-            r = index[row] = len(rows)
-            rows.append((row, []))
-        rows[r][1].append((i, len(row) - len(targets), targets))
-    return rows
+        rows.setdefault(row if share_prefix else i, (row, []))[1].append((i, len(row) - len(targets), targets))
+    return list(rows.values())
 
 
 @torch.no_grad()
@@ -377,9 +351,8 @@ def loglikelihoods(model, encoded, batch_size=32, share_prefix=True, autocast=No
     out = [None] * len(encoded)
     for b in range(0, len(rows), batch_size):
         batch = rows[b:b + batch_size]
-        ids = torch.zeros(len(batch), len(batch[0][0]), dtype=torch.long)  # right padding: causal, never seen
-        for j, (row, _) in enumerate(batch):
-            ids[j, :len(row)] = torch.tensor(row)
+        width = len(batch[0][0])
+        ids = torch.tensor([row + (0,) * (width - len(row)) for row, _ in batch])  # right padding: causal, never seen
         with autocast or contextlib.nullcontext():
             logits = model(ids.to(device))
         logits = getattr(logits, "logits", logits)                         # (B, S, vocab)
@@ -432,15 +405,10 @@ def score_task(model, tokenizer, task, mode="norm", shots=0, seed=1234, batch_si
     for p in task.pool:
         pool.setdefault(p.group, []).append(p)
     per_example = [requests(ex, mode, fewshot(pool, ex, shots, seed)) for ex in task.examples]
-    flat = [r for reqs in per_example for r in reqs]
-    encoded = encode_requests(tokenizer, flat)
-    lls = loglikelihoods_by_loss(scorer[0], encoded, scorer[1]) if scorer else \
-        loglikelihoods(model, encoded, batch_size, autocast=autocast)
-    scores, i = [], 0
-    for ex, reqs in zip(task.examples, per_example):
-        scores.append(choice_scores(ex, lls[i:i + len(reqs)], mode))
-        i += len(reqs)
-    return scores
+    encoded = encode_requests(tokenizer, [r for reqs in per_example for r in reqs])
+    lls = iter(loglikelihoods_by_loss(scorer[0], encoded, scorer[1]) if scorer else
+               loglikelihoods(model, encoded, batch_size, autocast=autocast))
+    return [choice_scores(ex, [next(lls) for _ in reqs], mode) for ex, reqs in zip(task.examples, per_example)]
 
 
 def evaluate_task(model, tokenizer, task, mode="norm", shots=0, seed=1234, batch_size=32, autocast=None, scorer=None):
@@ -450,8 +418,7 @@ def evaluate_task(model, tokenizer, task, mode="norm", shots=0, seed=1234, batch
     result = {"task": task.name, "mode": mode, "shots": shots, "n": len(task.examples),
               "random": statistics.fmean(1 / len(ex.choices) for ex in task.examples)}
     for metric in MODES[mode]:
-        hits = [max(range(len(s[metric])), key=s[metric].__getitem__) == ex.gold
-                for s, ex in zip(scores, task.examples)]
+        hits = [s[metric].index(max(s[metric])) == ex.gold for s, ex in zip(scores, task.examples)]
         p, n = sum(hits) / len(hits), len(hits)  # standard error sqrt(p(1-p)/(n-1)): lm-eval's mean_stderr
         result[metric], result[metric + "_stderr"] = p, math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None
     result["seconds"] = round(time.perf_counter() - t0, 2)
@@ -463,12 +430,11 @@ def evaluate_task(model, tokenizer, task, mode="norm", shots=0, seed=1234, batch
 
 @torch.no_grad()
 def loss_and_bpb(loss_fn, loader, n_batches, token_bytes, group=None):
-    """Mean loss (nats/token) and bits per byte over n_batches of the loader. loss_fn(x, y)
-    is the mean loss over the whole batch of the data-parallel group (a model itself, on
-    one process; train.py passes its parallel forward); group is the ranks whose loaders
-    split that batch. Bits per byte = loss * tokens / (bytes * ln 2), where bytes are the
-    UTF-8 bytes the target tokens stand for: unlike loss per token it does not depend on
-    the tokenizer, so runs with different vocabularies compare."""
+    """Mean loss (nats/token) and bits per byte over n_batches of the loader. loss_fn(x, y) is the mean loss
+    over the whole batch of the data-parallel group (a model itself, on one process; train.py passes its
+    parallel forward); group is the ranks whose loaders split that batch. Bits per byte = loss * tokens /
+    (bytes * ln 2), where bytes are the UTF-8 bytes the target tokens stand for: unlike loss per token it
+    does not depend on the tokenizer, so runs with different vocabularies compare."""
     device = token_bytes.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x tokens, tokens, bytes
     for _ in range(n_batches):
@@ -493,9 +459,8 @@ def shards_bpb(model, pattern, batches=0, batch_size=8):
 
 
 def text_bpb(model, tokenizer, text, batch_size=8, autocast=None):
-    """Loss, perplexity and bits per byte of raw text: BOS + its tokens in disjoint windows of
-    the model's context, each token predicted once (lm-eval-harness's rolling log-likelihood).
-    The bytes are the text's UTF-8 bytes."""
+    """Loss, perplexity and bits per byte of raw text (its UTF-8 bytes): BOS + its tokens in disjoint windows
+    of the model's context, each token predicted once (lm-eval-harness's rolling log-likelihood)."""
     ids = [tokenizer.token_to_id(BOS)] + tokenizer.encode(text, add_special_tokens=False).ids
     if len(ids) < 2:
         raise ValueError("text_bpb: the text is empty")
@@ -517,10 +482,9 @@ def load_tokenizer(path):
 
 
 def monitor(ecfg, tokenizer_path, loss_fn, limit, step):
-    """train.py's in-training benchmarks: the tasks of eval.tasks on a fixed subset of
-    eval.limit examples each, in eval.mode with eval.shots shots, scored through loss_fn (the
-    training layout's forward) on sequences of at most limit tokens. Returns (record, line)
-    for MetricsLog.write, with keys like "eval/hellaswag_acc_norm"."""
+    """train.py's in-training benchmarks: the tasks of eval.tasks on a fixed subset of eval.limit examples
+    each, in eval.mode with eval.shots shots, scored through loss_fn (the training layout's forward) on
+    sequences of at most limit tokens. (record, line) for MetricsLog.write; keys like "eval/hellaswag_acc_norm"."""
     tokenizer = load_tokenizer(tokenizer_path)
     record, parts = {"step": step}, []
     for task in load_tasks(ecfg.tasks, ecfg.limit):
@@ -542,9 +506,7 @@ def ranks(xs):
 def spearman(xs, ys):
     """Rank correlation; 0 when either side is constant (a flat curve does not rise)."""
     rx, ry = ranks(xs), ranks(ys)
-    if len(set(rx)) < 2 or len(set(ry)) < 2:
-        return 0.0
-    return statistics.correlation(rx, ry)
+    return statistics.correlation(rx, ry) if len(set(rx)) > 1 and len(set(ry)) > 1 else 0.0
 
 
 def signal_report(curves, random_score, n):
@@ -586,42 +548,17 @@ def results_table(results):
     lines = ["| task | mode | shots | n | " + " | ".join(metrics) + " | random |",
              "|---|---|---|---|" + "---|" * len(metrics) + "---|"]
     for r in results:
-        cells = [fmt(r.get(m), r.get(m + "_stderr")) if m in r else "" for m in metrics]
-        lines.append(f"| {r['task']} | {r['mode']} | {r['shots']} | {r['n']} | " + " | ".join(cells)
-                     + f" | {r['random']:.3f} |")
+        cells = " | ".join(fmt(r.get(m), r.get(m + "_stderr")) if m in r else "" for m in metrics)
+        lines.append(f"| {r['task']} | {r['mode']} | {r['shots']} | {r['n']} | {cells} | {r['random']:.3f} |")
     return "\n".join(lines)
 
 
 def signal_table(report):
-    lines = ["| task | monotonicity | seed std | SNR | final | random | above random (z) | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
-    for task, s in report.items():
-        lines.append(f"| {task} | {s['monotonicity']:.2f} | {fmt(s['seed_std'])} | {fmt(s['snr'])} | "
-                     f"{s['final']:.3f} | {s['random']:.3f} | {s['above_random']:+.3f} ({s['above_random_z']:+.1f}) "
-                     f"| {verdict(s)} |")
-    return "\n".join(lines)
-
-
-def checkpoint_main(args):
-    """The task results, perplexities and bits per byte of one checkpoint, printed as a table."""
-    _, model = checkpoint.load_model(args.checkpoint, args.device)
-    tokenizer = load_tokenizer(os.path.join(args.checkpoint, "tokenizer.json"))
-    autocast = torch.autocast("cuda", torch.bfloat16) if args.device == "cuda" else None
-    tasks = [evaluate_task(model, tokenizer, task, args.mode, args.shots, args.seed, args.batch_size, autocast)
-             for task in load_tasks(args.tasks, args.limit, args.seed)] if args.tasks else []
-    results = {"checkpoint": args.checkpoint, "tasks": tasks, "text": {}, "shards": {}}
-    for path in args.text:
-        results["text"][path] = text_bpb(model, tokenizer, data.read_text(path), autocast=None)
-    if args.shards:
-        results["shards"][args.shards] = shards_bpb(model, args.shards, args.batches)
-    lines = [results_table(tasks)] if tasks else []
-    lines += [f"- {kind} `{name}`: loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f}, {r['bpb']:.4f} bits "
-              f"per byte ({r['tokens']:,} tokens)" for kind in ("text", "shards") for name, r in results[kind].items()]
-    print("\n".join(lines))
-    if args.report:
-        with open(args.report, "a") as f:
-            f.write(f"\n## Evaluation\n\nFrom `{args.checkpoint}`.\n\n" + "\n".join(lines) + "\n")
-    return results
+    rows = [f"| {task} | {s['monotonicity']:.2f} | {fmt(s['seed_std'])} | {fmt(s['snr'])} | {s['final']:.3f} | "
+            f"{s['random']:.3f} | {s['above_random']:+.3f} ({s['above_random_z']:+.1f}) | {verdict(s)} |"
+            for task, s in report.items()]
+    return "\n".join(["| task | monotonicity | seed std | SNR | final | random | above random (z) | verdict |",
+                      "|---|---|---|---|---|---|---|---|", *rows])
 
 
 def main(argv=None):
@@ -644,8 +581,23 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not (args.tasks or args.text or args.shards):
         p.error("give --tasks, --text or --shards")
-    try:
-        results = checkpoint_main(args)
+    try:  # the task results, perplexities and bits per byte of one checkpoint, printed as a table
+        _, model = checkpoint.load_model(args.checkpoint, args.device)
+        tokenizer = load_tokenizer(os.path.join(args.checkpoint, "tokenizer.json"))
+        autocast = torch.autocast("cuda", torch.bfloat16) if args.device == "cuda" else None
+        tasks = [evaluate_task(model, tokenizer, task, args.mode, args.shots, args.seed, args.batch_size, autocast)
+                 for task in load_tasks(args.tasks, args.limit, args.seed)] if args.tasks else []
+        results = {"checkpoint": args.checkpoint, "tasks": tasks,
+                   "text": {path: text_bpb(model, tokenizer, data.read_text(path)) for path in args.text},
+                   "shards": {args.shards: shards_bpb(model, args.shards, args.batches)} if args.shards else {}}
+        lines = [results_table(tasks)] if tasks else []
+        lines += [f"- {kind} `{name}`: loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f}, {r['bpb']:.4f} bits "
+                  f"per byte ({r['tokens']:,} tokens)"
+                  for kind in ("text", "shards") for name, r in results[kind].items()]
+        print("\n".join(lines))
+        if args.report:
+            with open(args.report, "a") as f:
+                f.write(f"\n## Evaluation\n\nFrom `{args.checkpoint}`.\n\n" + "\n".join(lines) + "\n")
     except (ValueError, OSError) as e:  # bad input: one line naming the file and what is wrong
         raise SystemExit(f"error: {e}") from None
     out = args.out or os.path.join(args.checkpoint, "eval.json")

@@ -19,8 +19,7 @@ The dispatcher picks:
 
     backend "auto"   Triton for CUDA tensors, the torch reference otherwise
     backend "torch"  always the reference (`[train] kernels = "torch"` in a config)
-    backend "triton" always Triton; on a CPU this needs TRITON_INTERPRET=1 set before
-                     triton is imported (the tests do this in conftest.py)
+    backend "triton" always Triton; on a CPU it needs TRITON_INTERPRET=1 set before importing triton (conftest.py does)
 
 fused.py knows nothing about models: shapes in, shapes out.
 """
@@ -37,10 +36,8 @@ try:
 except ImportError:  # macOS, or a CPU-only install without triton: the references only.
     HAVE_TRITON = False
     from types import SimpleNamespace
-
     # Just enough for the kernel definitions below to be parsed; set_backend refuses "triton".
-    triton = SimpleNamespace(jit=lambda fn: fn, autotune=lambda *a, **k: (lambda fn: fn),
-                             Config=lambda *a, **k: None)
+    triton = SimpleNamespace(jit=lambda fn: fn, autotune=lambda *a, **k: (lambda fn: fn), Config=lambda *a, **k: None)
     tl = SimpleNamespace(constexpr=None)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -69,11 +66,10 @@ def use_triton(x):
 
 
 def _autotune(gpu_configs, interpreter_config, key):
-    """triton.autotune over a short list of block sizes on a GPU. Under the interpreter one
-    small config: the interpreter is slow, and small blocks exercise the boundary masks.
-    Attention keys on SQ_POW2 and SK_POW2, the lengths rounded up to powers of two (arguments
-    the kernels never read): keyed on exact lengths, each new one (an eval batch, a generated
-    length) would time every config again."""
+    """triton.autotune over a short list of block sizes on a GPU. Under the interpreter one small config: the
+    interpreter is slow, and small blocks exercise the boundary masks. Attention keys on SQ_POW2 and SK_POW2, the
+    lengths rounded up to powers of two (arguments the kernels never read): keyed on exact lengths, each new one
+    (an eval batch, a generated length) would time every config again."""
     return triton.autotune([interpreter_config] if INTERPRET else gpu_configs, key=key)
 
 
@@ -89,10 +85,9 @@ def _rows(x):
 
 
 # ----------------------------------------------------------------------------------------
-# Attention: FlashAttention-2 (Dao 2023). Never forms the (S, S) score matrix: a program
-# keeps a tile of queries on chip and streams K/V tiles past it with an online softmax
-# (Milakov & Gimelshein 2018), then rescales once at the end (FA2 section 3.1.1).
-# Grouped-query attention reads K/V head h // group for query head h: the indexing that
+# Attention: FlashAttention-2 (Dao 2023). Never forms the (S, S) score matrix: a program keeps a tile of queries on
+# chip and streams K/V tiles past it with an online softmax (Milakov & Gimelshein 2018), then rescales once at the end
+# (FA2 section 3.1.1). Grouped-query attention reads K/V head h // group for query head h: the indexing that
 # repeat_interleave would give, without materialising the repeated K/V.
 
 def doc_mask(doc_starts, n):
@@ -122,21 +117,17 @@ def attention_with_lse_ref(q, k, v, causal=True, scale=None, doc_starts=None):
     elif causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)                                             # (B, Hq, Sq)
-    out = torch.exp(s - lse[..., None]) @ v
-    return out.to(q.dtype), lse
+    return (torch.exp(s - lse[..., None]) @ v).to(q.dtype), lse
 
 
 def _fwd_configs():
-    # H100/A100 block sizes (BLOCK_M query rows, BLOCK_N keys per step, warps, pipeline
-    # stages), near the Triton fused-attention tutorial's. Compiled for sm_90 in bf16
-    # (bench/compile_kernels.py), none spills at head dims 64 and 128 and all but the last
-    # run their dots as wgmma; the autotuner times them on the GPU at hand and skips any
-    # that overflow its shared memory. 128 x 32 is the one wgmma config that fits at head
-    # dim 256; the last, small one is for fp32 inputs (tests, debugging), where the others
-    # overflow shared memory at head dim 128.
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 4), (128, 32, 8, 2),
-                               (32, 32, 4, 1)]]
+    # H100/A100 block sizes (BLOCK_M query rows, BLOCK_N keys per step, warps, pipeline stages), near the Triton
+    # fused-attention tutorial's. Compiled for sm_90 in bf16 (bench/compile_kernels.py), none spills at head dims 64
+    # and 128 and all but the last run their dots as wgmma; the autotuner times them on the GPU at hand and skips any
+    # that overflow its shared memory. 128 x 32 is the one wgmma config that fits at head dim 256; the last, small
+    # one is for fp32 inputs (tests, debugging), where the others overflow shared memory at head dim 128.
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in
+            [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 4), (128, 32, 8, 2), (32, 32, 4, 1)]]
 
 
 @triton.jit
@@ -157,12 +148,10 @@ def _key_blocks(start_m, SK, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_
     """(unmasked, hi): the key blocks query rows start_m.. visit are [0, hi), and those before
     `unmasked` lie wholly inside the keys and (causal) wholly left of the first row, so need
     no mask. Causal block skipping: blocks wholly above the diagonal are past hi."""
-    unmasked = (SK // BLOCK_N) * BLOCK_N
+    unmasked, hi = (SK // BLOCK_N) * BLOCK_N, SK
     if CAUSAL:
         unmasked = tl.minimum(unmasked, (start_m // BLOCK_N) * BLOCK_N)
         hi = tl.minimum(SK, start_m + BLOCK_M)
-    else:
-        hi = SK
     return unmasked, hi
 
 
@@ -187,10 +176,9 @@ def _attn_fwd_blocks(acc, l_i, m_i, q, K, V, rows, starts, lo, hi, sk_s, sv_s, S
             if DOC:  # not before the start of the row's document
                 keep &= cols[None, :] >= starts[:, None]
             s = tl.where(keep, s, float("-inf"))
-        # Online softmax. Without documents every row sees a key in its first block (column 0,
-        # or in the masked stage its own diagonal), so m_new is finite and alpha = exp2(-inf)
-        # = 0, never NaN; a row whose document starts after this block sees none yet: its max
-        # stays -inf, and 0 stands in for it in the subtraction (p and alpha are then 0).
+        # Online softmax. Without documents every row sees a key in its first block (column 0, or in the masked stage
+        # its own diagonal), so m_new is finite and alpha = exp2(-inf) = 0, never NaN; a row whose document starts after
+        # this block sees none yet: its max stays -inf, and 0 replaces it in the subtraction (p and alpha are then 0).
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new) if DOC else m_new
         p = tl.exp2(s - m_sub[:, None])
@@ -260,10 +248,9 @@ def _attn_bwd_delta(OUT, DO, DELTA, so_b, so_h, so_s, sdo_b, sdo_h, sdo_s, H, SQ
 
 
 def _dkdv_configs():
-    # dK and dV stay in registers for the whole program (2 x BLOCK_N x D fp32), so the query
-    # tiles are small. On sm_90 a dot becomes Hopper's wgmma (HGMMA) only when its M, here
-    # BLOCK_N keys, is at least 64: the middle three, none of which spills there at head
-    # dims 64 and 128; the first is for the A100 (HMMA only, and it spills least there), the
+    # dK and dV stay in registers for the whole program (2 x BLOCK_N x D fp32), so the query tiles are small. On sm_90 a
+    # dot becomes Hopper's wgmma (HGMMA) only when its M, here BLOCK_N keys, is at least 64: the middle three, none of
+    # which spills there at head dims 64 and 128; the first is for the A100 (HMMA only, and it spills least there), the
     # last for fp32. bench/compile_kernels.py prints all of this; the autotuner picks by time.
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n, w, s in [(64, 32, 8, 3), (32, 64, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3), (32, 32, 4, 1)]]
@@ -277,11 +264,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DOCS,
                    HKV, GROUP, SQ, SK, SQ_POW2, SK_POW2, sm_scale, qk_scale,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, DOC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: BLOCK_N keys of one (batch, KV head). It loops over every query head of
-    the group and every query block that can see these keys, so dK and dV are summed in
-    registers and written once: no atomics, and GQA needs no reduction afterwards.
-    (FA2 section 3.1.2, Algorithm 2's outer loop over K/V blocks; its dQ, which Algorithm 2
-    adds with atomics here, is _attn_bwd_dq's: deterministic, as the Triton tutorial's.)"""
+    """One program: BLOCK_N keys of one (batch, KV head). It loops over every query head of the group and every
+    query block that can see these keys, so dK and dV are summed in registers and written once: no atomics, and GQA
+    needs no reduction afterwards. (FA2 section 3.1.2, Algorithm 2's outer loop over K/V blocks; its dQ, which
+    Algorithm 2 adds with atomics here, is _attn_bwd_dq's: deterministic, as the Triton tutorial's.)"""
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
     b, kvh = bh // HKV, bh % HKV
@@ -291,13 +277,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DOCS,
     kv_mask = cols[:, None] < SK
     k = tl.load(K + b * sk_b + kvh * sk_h + cols[:, None] * sk_s + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(V + b * sv_b + kvh * sv_h + cols[:, None] * sv_s + offs_d[None, :], mask=kv_mask, other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dk, dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32), tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     # Causal: query blocks wholly before this key block cannot see it.
-    if CAUSAL:
-        lo = (start_n // BLOCK_M) * BLOCK_M
-    else:
-        lo = 0
+    lo = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0
     hi = SQ
     if DOC:  # queries past the document of the block's last key cannot see it
         hi = tl.load(DOCS + b * 2 * SQ + SQ + tl.minimum(start_n + BLOCK_N, SK) - 1)
@@ -308,9 +290,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DOCS,
         row_ptr = (b * HKV * GROUP + h) * SQ                   # into LSE and DELTA, (B, Hq, SQ)
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
-            # Keys along rows here (the transposed orientation of the forward): then P^T and
-            # dS^T come straight out of the dots and only loaded tiles are ever transposed,
-            # which costs no register shuffles (the Triton tutorial's layout).
+            # Keys along rows (transposed from the forward): then P^T and dS^T come straight out of the dots and only
+            # loaded tiles are ever transposed, which costs no register shuffles (the Triton tutorial's layout).
             q_t = tl.load(q_ptr + rows[None, :] * sq_s + offs_d[:, None], mask=rows[None, :] < SQ, other=0.0)
             do = tl.load(do_ptr + rows[:, None] * sdo_s + offs_d[None, :], mask=rows[:, None] < SQ, other=0.0)
             lse = tl.load(LSE + row_ptr + rows, mask=rows < SQ, other=0.0)
@@ -331,11 +312,6 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DOCS,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * sv_b + kvh * sv_h + cols[:, None] * sv_s + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
-
-
-def _dq_configs():
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in [(128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3), (32, 32, 4, 1)]]
 
 
 @triton.jit
@@ -362,18 +338,18 @@ def _attn_dq_blocks(dq, q, do, lse2, delta, K, V, rows, starts, lo, hi, sk_s, sv
     return dq
 
 
-@_autotune(_dq_configs(), triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
-           key=["SQ_POW2", "SK_POW2", "HEAD_DIM", "CAUSAL", "DOC"])
+@_autotune([triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in [(128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3), (32, 32, 4, 1)]],
+           triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}), key=["SQ_POW2", "SK_POW2", "HEAD_DIM", "CAUSAL", "DOC"])
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, DOCS,
                  sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sdo_b, sdo_h, sdo_s,
                  H, GROUP, SQ, SK, SQ_POW2, SK_POW2, sm_scale, qk_scale,
                  HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, DOC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: BLOCK_M query rows of one (batch, head); loops over key blocks like the
-    forward and sums dQ in registers. A separate kernel from dK/dV so neither needs atomics
-    (the Triton tutorial's split); it recomputes QK^T once more, which is the price.
-    Rows past SQ load zeros and are never stored, so only the key side is masked."""
+    """One program: BLOCK_M query rows of one (batch, head); loops over key blocks like the forward and sums dQ in
+    registers. A separate kernel from dK/dV so neither needs atomics (the Triton tutorial's split); it recomputes QK^T
+    once more, which is the price. Rows past SQ load zeros and are never stored, so only the key side is masked."""
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -432,11 +408,10 @@ class _FlashAttention(torch.autograd.Function):
         HKV, SK = k.shape[1], k.shape[2]
         o = torch.empty_like(q)
         lse = torch.empty(B, H, SQ, device=q.device, dtype=torch.float32)
-        grid = lambda meta: (triton.cdiv(SQ, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _attn_fwd[grid](q, k, v, o, lse, lse if docs is None else docs, *_s(q), *_s(k), *_s(v), *_s(o),
-                        H, H // HKV, SQ, SK, triton.next_power_of_2(SQ), triton.next_power_of_2(SK),
-                        scale * math.log2(math.e),
-                        HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q), DOC=docs is not None)
+        _attn_fwd[lambda m: (triton.cdiv(SQ, m["BLOCK_M"]), B * H)](
+            q, k, v, o, lse, lse if docs is None else docs, *_s(q), *_s(k), *_s(v), *_s(o), H, H // HKV, SQ, SK,
+            triton.next_power_of_2(SQ), triton.next_power_of_2(SK), scale * math.log2(math.e),
+            HEAD_DIM=D, CAUSAL=causal, PRECISION=_dot_precision(q), DOC=docs is not None)
         ctx.save_for_backward(q, k, v, o, lse, docs)
         ctx.causal, ctx.scale = causal, scale
         ctx.set_materialize_grads(False)  # an unused out or lse gets None, not a tensor of zeros
@@ -448,8 +423,7 @@ class _FlashAttention(torch.autograd.Function):
         B, H, SQ, D = q.shape
         do = torch.zeros_like(o) if do is None else (do if do.stride(-1) == 1 else do.contiguous())
         delta = torch.empty_like(lse)
-        _attn_bwd_delta[(triton.cdiv(SQ, 64), B * H)](o, do, delta, *_s(o), *_s(do), H, SQ,
-                                                      HEAD_DIM=D, BLOCK_M=64)
+        _attn_bwd_delta[(triton.cdiv(SQ, 64), B * H)](o, do, delta, *_s(o), *_s(do), H, SQ, HEAD_DIM=D, BLOCK_M=64)
         if dlse is not None:
             # lse = logsumexp_j(s_ij) gives d lse_i / d s_ij = P_ij, so its gradient adds
             # dlse_i * P_ij to dS_ij = P_ij (dP_ij - delta_i): the same as delta_i -= dlse_i.
@@ -484,12 +458,11 @@ def _pad_head_dim(t):
 
 
 def attention_with_lse(q, k, v, causal=True, scale=None, doc_starts=None):
-    """q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D) -> out (B, Hq, Sq, D) and lse (B, Hq, Sq), the
-    natural-log log-sum-exp of each row's scaled scores, in fp32. Differentiable through both:
-    ring attention merges partial outputs with lse, and its backward flows through lse too.
-    Causal needs Sq == Sk (the diagonal block); non-causal takes any lengths. doc_starts
-    (B, S): packed documents, where each position's document starts; a query sees only the
-    keys of its own (causal within it), and the kernels skip blocks of other documents."""
+    """q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D) -> out (B, Hq, Sq, D) and lse (B, Hq, Sq), the natural-log log-sum-exp
+    of each row's scaled scores, in fp32. Differentiable through both: ring attention merges partial outputs with lse,
+    and its backward flows through lse too. Causal needs Sq == Sk (the diagonal block); non-causal takes any lengths.
+    doc_starts (B, S): packed documents, where each position's document starts; a query sees only the keys of its own
+    (causal within it), and the kernels skip blocks of other documents."""
     if doc_starts is not None and not (causal and doc_starts.shape == (q.shape[0], q.shape[2])):
         raise ValueError(f"documents need causal attention and doc_starts of shape {(q.shape[0], q.shape[2])}")
     if causal and q.shape[2] != k.shape[2]:
@@ -530,11 +503,10 @@ def attention_block_backward_ref(q, k, v, dout, lse, delta, causal=True, scale=N
 
 
 def attention_block_backward(q, k, v, dout, lse, delta, causal=True, scale=None):
-    """Ring attention's backward step: the gradients of one (query block, K/V block) pair of
-    a larger attention, given lse (B, Hq, Sq) and delta = rowsum(dout * out) (B, Hq, Sq) of
-    the whole rows (all K/V blocks merged; minus dlse when lse itself has a gradient):
-    P = exp(q k^T * scale - lse), dv = P^T dout, dS = P * (dout v^T - delta), dq = dS k * scale,
-    dk = dS^T q * scale. A row's dq is the sum over its blocks, so all three come back in fp32."""
+    """Ring attention's backward step: the gradients of one (query block, K/V block) pair of a larger attention, given
+    lse (B, Hq, Sq) and delta = rowsum(dout * out) (B, Hq, Sq) of the whole rows (all K/V blocks merged; minus dlse when
+    lse itself has a gradient): P = exp(q k^T * scale - lse), dv = P^T dout, dS = P * (dout v^T - delta),
+    dq = dS k * scale, dk = dS^T q * scale. A row's dq is the sum over its blocks, so all three come back in fp32."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not use_triton(q):
         return attention_block_backward_ref(q, k, v, dout, lse, delta, causal, scale)
@@ -546,9 +518,8 @@ def attention_block_backward(q, k, v, dout, lse, delta, causal=True, scale=None)
 
 
 # ----------------------------------------------------------------------------------------
-# RMSNorm. One program per row in the forward; in the backward one program per group of
-# rows, so the weight gradient is summed in registers and only (programs, N) partial sums
-# reach memory (no atomics).
+# RMSNorm. One program per row in the forward; in the backward one program per group of rows, so the weight gradient is
+# summed in registers and only (programs, N) partial sums reach memory (no atomics).
 
 def rms_norm_ref(x, weight, eps):
     # Statistics in fp32, then back to x's dtype before the weight: the order of
@@ -596,8 +567,9 @@ def _rms_norm_bwd(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx
     tl.store(DW_PARTIAL + pid * N + cols, dw, mask=mask)
 
 
-def _row_warps(block):
-    return min(16, max(1, block // 256))  # ~8 fp32 values per thread per row
+def _row_block(N):
+    block = triton.next_power_of_2(N)
+    return dict(BLOCK=block, num_warps=min(16, max(1, block // 256)))  # ~8 fp32 values per thread per row
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -609,9 +581,7 @@ class _RMSNorm(torch.autograd.Function):
         dtype = x.dtype if torch.is_autocast_enabled(x.device.type) else torch.promote_types(x.dtype, weight.dtype)
         y = torch.empty(n_rows, N, device=x.device, dtype=dtype)
         rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
-        block = triton.next_power_of_2(N)
-        _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), N, eps,
-                                 BLOCK=block, num_warps=_row_warps(block))
+        _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), N, eps, **_row_block(N))
         ctx.save_for_backward(x2, weight, rstd)
         return y.view(*x.shape[:-1], N)
 
@@ -627,9 +597,8 @@ class _RMSNorm(torch.autograd.Function):
         rows_per_program = triton.cdiv(n_rows, programs)
         programs = triton.cdiv(n_rows, rows_per_program)
         dw_partial = torch.empty(programs, N, device=x2.device, dtype=torch.float32)
-        block = triton.next_power_of_2(N)
         _rms_norm_bwd[(programs,)](dy2, x2, weight, rstd, dx, dw_partial, dy2.stride(0), x2.stride(0), dx.stride(0),
-                                   n_rows, N, rows_per_program, BLOCK=block, num_warps=_row_warps(block))
+                                   n_rows, N, rows_per_program, **_row_block(N))
         return dx.view(dy.shape), dw_partial.sum(0).to(weight.dtype), None
 
 
@@ -701,10 +670,9 @@ def swiglu(gate, up):
 
 
 # ----------------------------------------------------------------------------------------
-# Cross-entropy. One program per row walks the vocabulary in blocks with an online
-# log-sum-exp, so the fp32 softmax of a (tokens, vocab) matrix never exists; the forward
-# keeps only the row's lse. The backward re-reads the logits and writes the gradient,
-# in place when the caller owns the logits (linear_cross_entropy below does).
+# Cross-entropy. One program per row walks the vocabulary in blocks with an online log-sum-exp, so the fp32 softmax of a
+# (tokens, vocab) matrix never exists; the forward keeps only the row's lse. The backward re-reads the logits and writes
+# the gradient, in place when the caller owns the logits (linear_cross_entropy below does).
 
 def cross_entropy_ref(logits, targets, ignore_index=-100, z_loss=0.0):
     """Mean cross-entropy over targets != ignore_index, plus z_loss * mean(logsumexp^2)
@@ -739,11 +707,9 @@ def _ce_fwd(LOGITS, TARGETS, LOSS, LSE, stride, V, ignore_index, z_loss, BLOCK_V
 
 
 @triton.jit
-def _ce_bwd(LOGITS, TARGETS, LSE, DLOGITS, SCALE, stride, stride_d, V, ignore_index, z_loss,
-            BLOCK_V: tl.constexpr):
-    """d loss_row / d x = softmax(x) * (1 + 2 z_loss lse) - onehot(target), times SCALE
-    (grad_output / number of kept targets, read from device memory: no host sync).
-    DLOGITS may be LOGITS itself: each block is read before it is overwritten."""
+def _ce_bwd(LOGITS, TARGETS, LSE, DLOGITS, SCALE, stride, stride_d, V, ignore_index, z_loss, BLOCK_V: tl.constexpr):
+    """d loss_row / d x = softmax(x) * (1 + 2 z_loss lse) - onehot(target), times SCALE (grad_output / number of kept
+    targets, on device: no host sync). DLOGITS may be LOGITS itself: each block is read before it is overwritten."""
     row = tl.program_id(0).to(tl.int64)
     LOGITS += row * stride
     DLOGITS += row * stride_d
@@ -807,11 +773,10 @@ def cross_entropy(logits, targets, ignore_index=-100, z_loss=0.0):
 
 
 # ----------------------------------------------------------------------------------------
-# Linear + cross-entropy, fused the way Liger's FusedLinearCrossEntropy does it: the LM
-# head runs on a chunk of rows at a time, the chunk's logits are turned into their own
-# gradient in place, and dh and dW are accumulated right away, in the forward. At a 128k
-# vocabulary the (tokens, vocab) logits and their gradient are the largest tensors of a
-# step; here only one chunk of them exists at a time.
+# Linear + cross-entropy, fused the way Liger's FusedLinearCrossEntropy does it: the LM head runs on a chunk of rows at
+# a time, the chunk's logits are turned into their own gradient in place, and dh and dW are accumulated right away, in
+# the forward. At a 128k vocabulary the (tokens, vocab) logits and their gradient are the largest tensors of a step;
+# here only one chunk of them exists at a time.
 
 def linear_cross_entropy_ref(h, weight, targets, ignore_index=-100, z_loss=0.0):
     """h (N, d), weight (V, d), targets (N,) -> cross_entropy_ref(h @ weight.T, targets)."""
@@ -821,7 +786,6 @@ def linear_cross_entropy_ref(h, weight, targets, ignore_index=-100, z_loss=0.0):
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, ignore_index, z_loss, chunk):
-        N = h.shape[0]
         targets = targets.contiguous()
         n_kept = (targets != ignore_index).sum()
         scale = 1.0 / n_kept.float()                   # on device: the loop below never syncs
@@ -829,7 +793,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh = torch.empty_like(h) if want_dh else None
         dw = torch.zeros_like(weight, dtype=torch.float32) if want_dw else None   # summed over chunks in fp32
         total = torch.zeros((), device=h.device, dtype=torch.float32)
-        for i in range(0, N, chunk):
+        for i in range(0, h.shape[0], chunk):
             hc, tc = h[i:i + chunk], targets[i:i + chunk]
             logits = hc @ weight.T                     # (chunk, V); under autocast in its dtype
             loss, lse = _ce_rows(logits, tc, ignore_index, z_loss)
@@ -861,18 +825,16 @@ def linear_cross_entropy(h, weight, targets, ignore_index=-100, z_loss=0.0, chun
         return linear_cross_entropy_ref(h, weight, targets, ignore_index, z_loss)
     if not torch.is_grad_enabled():   # needs_input_grad follows requires_grad, not no_grad (eval)
         h, weight = h.detach(), weight.detach()
-    N, d = h.shape
-    V = weight.shape[0]
+    (N, d), V = h.shape, weight.shape[0]
     chunk = chunk or triton.next_power_of_2(triton.cdiv(N, triton.cdiv(V, d)))
     return _LinearCrossEntropy.apply(h, weight, targets, ignore_index, z_loss, chunk)
 
 
 # ----------------------------------------------------------------------------------------
-# Weight-only quantized linears for decoding, in the formats infer.py's quantizer writes.
-# At 1..16 rows a linear layer is bound by reading its weight: dequantize-then-matmul reads
-# the int weight, writes a 16-bit copy and reads that again; the kernel reads the int weight
-# once and dequantizes it in registers. Inference only: no backward (no autograd.Function),
-# and the ops refuse an input that requires a gradient rather than return one without it.
+# Weight-only quantized linears for decoding, in the formats infer.py's quantizer writes. At 1..16 rows a linear layer
+# is bound by reading its weight: dequantize-then-matmul reads the int weight, writes a 16-bit copy and reads that
+# again; the kernel reads the int weight once and dequantizes it in registers. Inference only: no backward (no
+# autograd.Function), and the ops refuse an input that requires a gradient rather than return one without it.
 
 def unpack_int4(qweight):
     """(out, in // 2) uint8 -> (out, in) uint8: byte j holds column 2j in its low nibble, 2j + 1 in its high."""
@@ -913,11 +875,10 @@ def _dot_dequantized(acc, w, X, rows, cols, sx, M, K, PRECISION: tl.constexpr):
 @triton.jit
 def _quant_linear(X, QW, S, Z, OUT, M, N, K, M_POW2, sx, sw, ss, so, INT4: tl.constexpr, GROUP: tl.constexpr,
                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program: BLOCK_N output features of BLOCK_M rows, over K in BLOCK_K steps. Computed
-    transposed, out^T = W x^T ("swap AB"): the features fill the dot's M side, the few rows of x
-    (padded to tl.dot's minimum of 16) its N side, and the dequantized tile is the register operand.
-    INT4: a step's bytes hold its even columns (low nibbles) and odd ones (high nibbles): two
-    half-tiles, each dotted with x's matching strided columns, no interleave. A step stays in
+    """One program: BLOCK_N output features of BLOCK_M rows, over K in BLOCK_K steps. Computed transposed, out^T = W x^T
+    ("swap AB"): the features fill the dot's M side, the few rows of x (padded to tl.dot's minimum of 16) its N side,
+    and the dequantized tile is the register operand. INT4: a step's bytes hold its even columns (low nibbles) and odd
+    ones (high nibbles): two half-tiles, each dotted with x's matching strided columns, no interleave. A step stays in
     one group, so its scales and zeros are one per feature (gathered per element, they spill)."""
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)     # int64: n * sw can pass 2^31
@@ -987,13 +948,12 @@ def int4_linear(x, qweight, scales, zeros, group_size):
 
 
 # ----------------------------------------------------------------------------------------
-# Grouped matmul for dropless Mixture-of-Experts, after MegaBlocks (Gale et al. 2023) and
-# ScatterMoE (Tan et al. 2024): with tokens sorted by expert, one launch multiplies each
-# expert's rows, however many, by its weight. Dropless: no capacity, so no token is dropped and
-# no padded (experts, capacity, d) copy is made. A row tile never spans two groups (rows past
-# its group's end are masked); each program finds its group from counts on the device, so
-# nothing waits for the host: the grid is an upper bound, cdiv(T, BLOCK_M) + G tiles (a group
-# wastes at most one partial tile), and the surplus programs return at once.
+# Grouped matmul for dropless Mixture-of-Experts, after MegaBlocks (Gale et al. 2023) and ScatterMoE (Tan et al. 2024):
+# with tokens sorted by expert, one launch multiplies each expert's rows, however many, by its weight. Dropless: no
+# capacity, so no token is dropped and no padded (experts, capacity, d) copy is made. A row tile never spans two groups
+# (rows past its group's end are masked); each program finds its group from counts on the device, so nothing waits for
+# the host: the grid is an upper bound, cdiv(T, BLOCK_M) + G tiles (a group wastes at most one partial tile), and the
+# surplus programs return at once.
 
 def grouped_matmul_ref(x, w, counts):
     """x (T, K) rows sorted by group, w (G, N, K), counts (G,) summing to T -> y (T, N) with
@@ -1005,9 +965,8 @@ def _gmm_configs():
     # The Triton matmul tutorial's tiles, BLOCK_M x BLOCK_N outputs over BLOCK_K steps (dW: BLOCK_N x
     # BLOCK_K over BLOCK_M rows). The first four are wgmma on sm_90 in 16-bit, without spills
     # (bench/compile_kernels.py); the last is for fp32 without TF32 (CUDA-core dots), where they spill.
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
-                                  (32, 64, 32, 4, 2)]]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s) for m, n, k, w, s in
+            [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 32, 4, 2)]]
 
 
 # Keyed on sw_k too: the forward (sw_k = 1) and dx (sw_n = 1) read w in different orders.
@@ -1111,21 +1070,18 @@ def grouped_matmul(x, w, counts):
 
 # ----------------------------------------------------------------------------------------
 # Selective scan, the S6 layer of Mamba (Gu & Dao 2023, Algorithm 2). Per channel c and state n,
-# h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t and y_t = C_t . h_t + D x_t (B discretised as dt B, as
-# mamba_ssm does, not by the zero-order hold). dt, B and C depend on the input, so unlike S4 there
-# is no convolution to compute: it is a linear recurrence, and two steps h -> a1 h + b1, then
-# h -> a2 h + b2, make one, (a1 a2, a2 b1 + b2). That composition is associative, so a parallel
-# prefix scan finds every h_t in log depth (Blelloch 1990; Martin & Cundy 2018 for linear
-# recurrences). A program scans a chunk of BLOCK_L steps of its BLOCK_D channels x N states at once
-# (tl.associative_scan) and carries the last state into the next chunk. As in the paper (section
-# 3.3.2) the (batch, L, d, N) states never reach memory: the backward recomputes a chunk's from the
-# state before it, kept for each chunk.
+# h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t and y_t = C_t . h_t + D x_t (B discretised as dt B, as mamba_ssm does, not by
+# the zero-order hold). dt, B and C depend on the input, so unlike S4 there is no convolution to compute: it is a linear
+# recurrence, and two steps h -> a1 h + b1, then h -> a2 h + b2, make one, (a1 a2, a2 b1 + b2). That composition is
+# associative, so a parallel prefix scan finds every h_t in log depth (Blelloch 1990; Martin & Cundy 2018 for linear
+# recurrences). A program scans (tl.associative_scan) a chunk of BLOCK_L steps of its BLOCK_D channels x N states at
+# once, and carries the last state into the next chunk. As in the paper (section 3.3.2) the (batch, L, d, N) states
+# never reach memory: the backward recomputes a chunk's from the state before it, kept for each chunk.
 
 def selective_scan_ref(x, dt, A, B, C, D, return_last_state=False):
-    """y (batch, L, d) in x's dtype, and with return_last_state also h_L (batch, d, N): x and dt
-    (batch, L, d), dt > 0 (softplus and bias already applied), A (d, N) < 0, B and C (batch, L, N),
-    D (d,). Step by step over time, the state in fp32 (fp64 for fp64 inputs): mamba_ssm's
-    selective_scan_ref with delta_softplus=False and no z or delta_bias."""
+    """y (batch, L, d) in x's dtype, and with return_last_state also h_L (batch, d, N): x and dt (batch, L, d), dt > 0
+    (softplus and bias already applied), A (d, N) < 0, B and C (batch, L, N), D (d,). Step by step over time, the state
+    in fp32 (fp64 for fp64 inputs): mamba_ssm's selective_scan_ref with delta_softplus=False and no z or delta_bias."""
     f = torch.promote_types(x.dtype, torch.float32)
     xf, dt, A, B, C, D = (t.to(f) for t in (x, dt, A, B, C, D))
     h = xf.new_zeros(x.shape[0], x.shape[2], A.shape[1])                                     # (batch, d, N)
@@ -1138,11 +1094,10 @@ def selective_scan_ref(x, dt, A, B, C, D, return_last_state=False):
 
 
 def _scan_blocks(n):
-    """(BLOCK_L steps, BLOCK_D channels) for n states: 8 x 4 under the interpreter, so 17 steps take
-    three chunks and 6 channels two blocks, the last ones partial. On a GPU 16 x 512 / n: for 16
-    states the backward fits in 255 registers at 8 warps, the forward at 4 or 8, without spills on
-    sm_90 and sm_80 (bench/compile_kernels.py). Only the warps are tuned: the tile shapes the
-    backward's buffers."""
+    """(BLOCK_L steps, BLOCK_D channels) for n states: 8 x 4 under the interpreter, so 17 steps take three chunks and 6
+    channels two blocks, the last ones partial. On a GPU 16 x 512 / n: for 16 states the backward fits in 255 registers
+    at 8 warps, the forward at 4 or 8, without spills on sm_90 and sm_80 (bench/compile_kernels.py). Only the warps are
+    tuned: the tile shapes the backward's buffers."""
     return (8, 4) if INTERPRET else (16, max(8, 512 // triton.next_power_of_2(n)))
 
 

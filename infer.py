@@ -7,14 +7,14 @@ weights, speculative decoding, compiled decode; a command line and a chat.
     python infer.py --checkpoint DIR --draft SMALL_DIR --prompt "..."        # speculative decoding
     python infer.py --serve --checkpoint DIR --port 8000         # OpenAI-compatible API, chat page at /
 
-The shape of gpt-fast: `prefill` runs the prompts through the model once, filling each
-layer's KVCache; `decode_one_token` runs one position; `generate` loops it, sampling with
-`sample`; `speculative_decode` lets a small draft propose tokens that the model checks in one
-forward. Prompts of different lengths are left-padded: each row's text starts at its own
-position (`model.document_starts`' mechanism), attention stays inside it and RoPE positions
-restart there, so a row gets what it would get alone.
+The shape of gpt-fast: `prefill` runs the prompts through the model once, filling each layer's KVCache;
+`decode_one_token` runs one position; `generate` loops it, sampling with `sample`; `speculative_decode` lets a
+small draft propose tokens that the model checks in one forward. Prompts of different lengths are left-padded:
+each row's text starts at its own position (`model.document_starts`' mechanism), attention stays inside it and
+RoPE positions restart there, so a row gets what it would get alone.
 """
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -36,8 +36,7 @@ from prep.tokenizer import BOS, EOS, chat_text
 # The KV cache, prefill and one decode step
 
 def setup_caches(model, batch, max_len):
-    """A KVCache of max_len positions in every attention layer, a MambaCache (a state of
-    fixed size) in every Mamba layer."""
+    """A KVCache of max_len positions in every attention layer, a MambaCache (fixed-size state) in every Mamba layer."""
     p, c = next(model.parameters()), model.cfg
     for block in model.layers:
         if hasattr(block, "attn"):
@@ -75,9 +74,8 @@ def compiled_step(how):
 # Sampling
 
 def sample(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None):
-    """Next ids (B,) from logits (B, V): greedy at temperature 0; else the softmax of
-    logits / temperature cut to the top_k most likely and to the smallest set whose
-    probability reaches top_p (nucleus sampling, Holtzman et al. 2020)."""
+    """Next ids (B,) from logits (B, V): greedy at temperature 0; else the softmax of logits / temperature cut to the
+    top_k most likely and to the smallest set reaching top_p (nucleus sampling, Holtzman et al. 2020)."""
     if temperature == 0:
         return logits.argmax(-1)
     return torch.multinomial(probabilities(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
@@ -99,9 +97,8 @@ def probabilities(logits, temperature, top_k=0, top_p=1.0):
 
 
 def penalize(logits, seen, penalty):
-    """The repetition penalty (Keskar et al. 2019, CTRL; transformers' convention): logits of
-    tokens already in the row are divided by penalty when positive, multiplied when negative.
-    seen (B, V) bool."""
+    """The repetition penalty (Keskar et al. 2019, CTRL; transformers' convention): logits of tokens already in
+    the row (seen (B, V) bool) are divided by penalty when positive, multiplied when negative."""
     if penalty == 1.0:
         return logits
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
@@ -113,22 +110,18 @@ def penalize(logits, seen, penalty):
 @torch.no_grad()
 def generate_stream(model, prompts, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                     stop_ids=(), stop_strings=(), decode=None, seed=None, compile="none"):
-    """Yield, after each decode step, the list of (row, new token id) the step added; rows
-    that finished (a stop id, a stop string, max_new_tokens) add nothing more; the token that
-    ends a row is its last. prompts: token-id lists of any lengths (each non-empty). decode:
-    ids -> text, for stop strings. compile: "none", "compile" (torch.compile the decode step)
-    or "graphs" (also replay it as a CUDA graph: no CPU launch overhead per kernel)."""
-    device = next(model.parameters()).device
-    limit = model.cfg.max_seq_len
+    """Yield, after each decode step, the list of (row, new token id) the step added; rows that finished (a stop
+    id, a stop string, max_new_tokens) add nothing more; the token that ends a row is its last. prompts: token-id
+    lists of any lengths (each non-empty). decode: ids -> text, for stop strings. compile: "none", "compile"
+    (torch.compile the decode step) or "graphs" (also replay it as a CUDA graph: no CPU launch overhead per kernel)."""
+    device, limit = next(model.parameters()).device, model.cfg.max_seq_len
     if any(not p for p in prompts) or max(map(len, prompts)) + max_new_tokens > limit:
         raise ValueError(f"a prompt is empty, or longer than the context of {limit} tokens less max_new_tokens "
                          f"= {max_new_tokens}")
     was_training = model.training
     model.eval()
     B, S = len(prompts), max(map(len, prompts))
-    ids = torch.zeros(B, S, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        ids[b, S - len(p):] = torch.tensor(p)
+    ids = torch.tensor([[0] * (S - len(p)) + list(p) for p in prompts], device=device)
     starts = torch.tensor([S - len(p) for p in prompts], device=device)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
@@ -140,12 +133,10 @@ def generate_stream(model, prompts, max_new_tokens, temperature=0.0, top_k=0, to
         logits = prefill(model, ids, starts)
         for i in range(max_new_tokens):
             token = sample(penalize(logits, seen, repetition_penalty), temperature, top_k, top_p, generator)
-            added = []
-            for b, t in enumerate(token.tolist()):  # one host sync per step
-                if not done[b]:
-                    out[b].append(t)
-                    added.append((b, t))
-                    done[b] = t in stop_ids or (decode is not None and any(s in decode(out[b]) for s in stop_strings))
+            added = [(b, t) for b, t in enumerate(token.tolist()) if not done[b]]  # one host sync per step
+            for b, t in added:
+                out[b].append(t)
+                done[b] = t in stop_ids or (decode is not None and any(s in decode(out[b]) for s in stop_strings))
             seen[torch.arange(B, device=device), token] = True
             yield added
             if all(done) or i == max_new_tokens - 1:
@@ -169,12 +160,11 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, **kwargs):
 @torch.no_grad()
 def speculative_decode(model, draft, prompt, max_new_tokens, k=4, temperature=0.0, top_k=0, top_p=1.0,
                        stop_ids=(), seed=None):
-    """One prompt's continuation (token ids), and (draft tokens accepted, model forwards).
-    The draft proposes k tokens one by one; the model scores them all in one forward; each is
-    kept with probability min(1, p_model / p_draft), the first one refused is drawn again from
-    max(0, p_model - p_draft) renormalised, and when all k are kept the model's next token
-    comes free: the output follows the model's distribution exactly (Leviathan et al. 2023;
-    Chen et al. 2023). At temperature 0 both are one-hot: the model's greedy tokens."""
+    """One prompt's continuation (token ids), and (draft tokens accepted, model forwards). The draft proposes k
+    tokens one by one; the model scores them all in one forward; each is kept with probability min(1, p_model /
+    p_draft), the first one refused is drawn again from max(0, p_model - p_draft) renormalised, and when all k
+    are kept the model's next token comes free: the output follows the model's distribution exactly (Leviathan
+    et al. 2023; Chen et al. 2023). At temperature 0 both are one-hot: the model's greedy tokens."""
     if any("M" in m.cfg.block_pattern for m in (model, draft)):
         raise ValueError("speculative decoding takes back refused tokens by position, which a KV cache allows "
                          "and a Mamba layer's running state does not: use models without Mamba layers")
@@ -275,11 +265,10 @@ class QuantizedLinear(nn.Module):
 
 
 def quantize(model, how, group_size=128):
-    """Swap every block's linear layers for QuantizedLinear, in place. The embedding, norms
-    and head stay in floating point (a tied head is the embedding, looked up, not multiplied;
-    llama.cpp keeps the output layer at higher precision too), and so do a MoE layer's router
-    (a rounding could change which experts a token gets) and its stacked experts (not
-    linear layers: unfinished). Works on the meta device."""
+    """Swap every block's linear layers for QuantizedLinear, in place. The embedding, norms and head stay in
+    floating point (a tied head is the embedding, looked up, not multiplied; llama.cpp keeps the output layer at
+    higher precision too), and so do a MoE layer's router (a rounding could change which experts a token gets)
+    and its stacked experts (not linear layers: unfinished). Works on the meta device."""
     if how not in ("int8", "int4"):
         raise ValueError(f"quantize: {how!r} is not int8 or int4")
     for block in model.layers:
@@ -364,8 +353,7 @@ def text_deltas(tok, tokens):
 
 def cut_at_stop(text, stop_strings):
     """The text up to the first stop string (OpenAI's convention: the stop string is not returned)."""
-    cuts = [text.find(s) for s in stop_strings if s in text]
-    return text[:min(cuts)] if cuts else text
+    return text[:min((text.find(s) for s in stop_strings if s in text), default=len(text))]
 
 
 def chat(model, tok, args, read=input, write=print):
@@ -382,12 +370,8 @@ def chat(model, tok, args, read=input, write=print):
             messages = messages[:1] if args.system else []
             continue
         messages.append({"role": "user", "content": line})
-        stream = generate_stream(model, [encode(tok, chat_text(messages))], args.max_new_tokens, args.temperature,
-                                 args.top_k, args.top_p, args.repetition_penalty, stop_ids(tok), seed=args.seed)
-        reply = ""
-        for piece in text_deltas(tok, (t for added in stream for _, t in added)):
-            reply += piece
-            write(piece, end="", flush=True)
+        req = {**vars(args), "prompt": encode(tok, chat_text(messages)), "max_tokens": args.max_new_tokens, "stop": []}
+        reply = complete(model, tok, req, lambda piece: write(piece, end="", flush=True))[0]
         write()
         messages.append({"role": "assistant", "content": reply})
 
@@ -441,9 +425,8 @@ def complete(model, tok, req, on_text, compile="none"):
     """Generate one request, passing on_text each new piece of text but never a stop string (a tail
     that may begin one waits for the next token); -> (text, completion tokens, finish reason)."""
     ids, stops = [], req["stop"]
-    stream = generate_stream(model, [req["prompt"]], req["max_tokens"], req["temperature"], req["top_k"],
-                             req["top_p"], req["repetition_penalty"], stop_ids(tok), stops, tok.decode, req["seed"],
-                             compile)
+    stream = generate_stream(model, [req["prompt"]], req["max_tokens"], req["temperature"], req["top_k"], req["top_p"],
+                             req["repetition_penalty"], stop_ids(tok), stops, tok.decode, req["seed"], compile)
     text, shown = "", 0
     for piece in text_deltas(tok, (ids.append(t) or t for added in stream for _, t in added)):  # ids: kept
         text += piece
@@ -543,10 +526,8 @@ def serve(model, tok, args):
     with make_server(model, tok, args) as server:
         print(f"serving {args.checkpoint} at http://{args.host}:{server.server_port}/ (OpenAI API under /v1/)",
               flush=True)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             server.serve_forever()
-        except KeyboardInterrupt:
-            pass
 
 
 # ----------------------------------------------------------------------------------------
@@ -597,15 +578,13 @@ def main(argv=None):
                 raise ValueError("--save-quantized needs --quantize int8 or int4")
             save_quantized(model, args.save_quantized, os.path.join(args.checkpoint, "tokenizer.json"))
             return print(f"{args.save_quantized}: {args.quantize} model written")
-        draft = None
         if args.draft and (args.chat or args.serve or args.repetition_penalty != 1.0):
             raise ValueError("--draft decodes --prompt and --prompt-file one by one, without --repetition-penalty; "
                              "--chat and --serve do not use a draft")
-        if args.draft:
-            draft, draft_tok = load(args.draft, args.device, dtype)
-            if tok.get_vocab() != draft_tok.get_vocab():
-                raise ValueError(f"{args.draft}: the draft's tokenizer is not the model's; speculative decoding "
-                                 "compares their distributions token by token, so it needs the same vocabulary")
+        draft, draft_tok = load(args.draft, args.device, dtype) if args.draft else (None, tok)
+        if draft_tok is not tok and tok.get_vocab() != draft_tok.get_vocab():
+            raise ValueError(f"{args.draft}: the draft's tokenizer is not the model's; speculative decoding "
+                             "compares their distributions token by token, so it needs the same vocabulary")
         if args.serve:
             return serve(model, tok, args)
         if args.chat:
@@ -618,14 +597,12 @@ def main(argv=None):
             f.write(f"\n## Samples\n\nFrom `{args.checkpoint}`" + (f", {args.quantize}" if args.quantize else "") +
                     (f", drafted by `{args.draft}`" if args.draft else "") +
                     f", temperature {args.temperature}, top-k {args.top_k}.\n\n")
-            for text, speed in samples:
-                f.write("```\n" + text.replace("```", "'''") + "\n```\n" + speed + "\n\n")
+            f.writelines("```\n" + text.replace("```", "'''") + "\n```\n" + speed + "\n\n" for text, speed in samples)
 
 
 def run_prompts(model, draft, tok, prompts, args):
-    """Generate for each prompt (one batch, or one by one with a draft); print and return
-    (text, speed line) pairs."""
-    stops, samples = stop_ids(tok), []
+    """Generate for each prompt (one batch, or one by one with a draft); print and return (text, speed) pairs."""
+    stops = stop_ids(tok)
     t0 = time.perf_counter()
     if draft is None:
         outs = generate(model, prompts, args.max_new_tokens, args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -645,9 +622,9 @@ def run_prompts(model, draft, tok, prompts, args):
             speeds.append(f"{len(out)} tokens in {seconds:.2f}s: {len(out) / seconds:.1f} tokens/s; "
                           f"{accepted / max(1, calls * args.speculate):.0%} of drafted tokens accepted, "
                           f"{len(out) / max(1, calls):.2f} tokens per model forward")
-    for p, out, speed in zip(prompts, outs, speeds):
-        text = cut_at_stop(tok.decode(p + out, skip_special_tokens=True), args.stop)
-        samples.append((text, speed))
+    samples = [(cut_at_stop(tok.decode(p + out, skip_special_tokens=True), args.stop), speed)
+               for p, out, speed in zip(prompts, outs, speeds)]
+    for text, speed in samples:
         print(f"--- {speed}\n{text}\n")
     return samples
 

@@ -39,8 +39,8 @@ def cmd_run(args):
           (f"task {args.task_id}" if args.task_id is not None else f"{args.workers} workers") + f" -> {out}")
     r = pipeline.run(recipe, out, args.tasks, args.workers, args.task_id, text)
     if os.path.exists(os.path.join(out, "stats.json")):
-        with open(os.path.join(out, "stats.json")) as f:
-            stages = {n: s for n, s in json.load(f)["stages"].items() if isinstance(s, dict) and "steps" in s}
+        stats = readers.read_json(os.path.join(out, "stats.json"))
+        stages = {n: s for n, s in stats["stages"].items() if isinstance(s, dict) and "steps" in s}
         first, last = next(iter(stages.values())), list(stages.values())[-1]
         print(f"done in {time.time() - t0:.1f}s: {first['in']:,} documents in, {last['kept']:,} out, "
               f"{sum(s['errored'] for s in stages.values())} errored; {first['in'] / (time.time() - t0):.0f} docs/s "
@@ -51,8 +51,7 @@ def cmd_run(args):
                          f"`python -m prep inspect {out}` says why")
     tok_stats = os.path.join(r.tokens, "stats.json")
     if os.path.exists(tok_stats):
-        with open(tok_stats) as f:
-            s = json.load(f)
+        s = readers.read_json(tok_stats)
         print(f"tokens: train {s['train']['tokens']:,} ({s['train']['documents']:,} docs), val "
               f"{s['val']['tokens']:,} ({s['val']['documents']:,} docs), {s['bytes_per_token']:.2f} bytes/token")
         if not s["train"]["tokens"]:
@@ -61,8 +60,7 @@ def cmd_run(args):
 
 
 def cmd_plan(args):
-    recipe = load_recipe(args.recipe, args.set)
-    for s in compile_stages(recipe, args.tasks):
+    for s in compile_stages(load_recipe(args.recipe, args.set), args.tasks):
         steps = [st["name"] for st in s.get("steps", [])]
         extra = [s["dedup"]] if s.get("dedup") else []
         print(f"{s['name']:<16} {s['tasks']:>4} task(s)  {' '.join(extra + steps)}")
@@ -115,7 +113,7 @@ def cmd_tokenizer(args):
     print(f"tokenizer: vocab {info['vocab_size']}, {info['bytes_per_token']:.2f} bytes/token, trained on "
           f"~{min(total, args.sample_chars) / 1e6:.1f}M of {total / 1e6:.1f}M chars in {time.time() - t0:.1f}s "
           f"-> {args.out}")
-    print("  longest tokens:", [t for t in info["longest_tokens"][:5]])
+    print("  longest tokens:", info["longest_tokens"][:5])
 
 
 def cmd_tokenize(args):

@@ -1,8 +1,7 @@
 """Deduplication: exact (hash of normalised text) and MinHash LSH near-duplicates in stages.
 
-Documents are named by their global number g = (documents in earlier tasks) + index in
-task, so every stage's result is independent of how many workers ran it. In a cluster of
-duplicates the document with the smallest number is kept.
+Documents are named by their global number g = (documents in earlier tasks) + index in task, so every stage's result
+is independent of how many workers ran it. In a cluster of duplicates the document with the smallest number is kept.
 """
 import hashlib
 import zlib
@@ -11,20 +10,15 @@ import numpy as np
 
 from prep.filters import normalize_for_hash
 
-# FineWeb (Penedo et al. 2024, sec. 3.4): 5-gram word shingles, 112 hashes in 14 bands of 8.
-# A pair with Jaccard similarity s becomes a candidate with probability 1 - (1 - s^8)^14:
-# 0.92 at s = 0.8, 0.9996 at s = 0.9, 0.00004 at s = 0.3.
+# FineWeb (Penedo et al. 2024, sec. 3.4): 5-gram word shingles, 112 hashes in 14 bands of 8. A pair with Jaccard
+# similarity s is a candidate with probability 1 - (1 - s^8)^14: 0.92 at s = 0.8, 0.9996 at s = 0.9, 0.00004 at s = 0.3.
 MINHASH_NGRAM, MINHASH_BANDS, MINHASH_ROWS = 5, 14, 8
 EMPTY = 0xFFFFFFFF  # the signature of a text without words: ignored by the band stage
 _ROLL = np.uint64(1099511628211)  # FNV prime, the multiplier that mixes word hashes into a shingle hash
 
 
-def hash64(data):
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
-
-
 def text_hash(text):
-    return hash64(normalize_for_hash(text).encode())
+    return int.from_bytes(hashlib.blake2b(normalize_for_hash(text).encode(), digest_size=8).digest(), "little")
 
 
 # --- MinHash -----------------------------------------------------------------------------

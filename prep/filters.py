@@ -22,10 +22,6 @@ NO_SPACES = ("zh", "ja", "th", "lo", "km", "my", "bo", "zho", "cmn", "yue", "wuu
 SPACY_CONFIG = {"zh": {"nlp": {"tokenizer": {"segmenter": "jieba"}}}}  # datatrove's: jieba words, not characters
 
 
-def words_of(text):
-    return WORD.findall(text)
-
-
 @functools.lru_cache(maxsize=None)
 def word_splitter(language, word_split="auto"):
     """split(text) -> words for a language, or None where there is none. "auto" follows
@@ -43,7 +39,7 @@ def word_splitter(language, word_split="auto"):
             return lambda text: [w for w in (t.text.strip() for t in tokenizer(text)) if w]
         except ImportError:  # no spaCy, no spaCy support for the language, or no segmenter for it
             pass
-    return None if language in NO_SPACES else words_of
+    return None if language in NO_SPACES else WORD.findall
 
 
 @functools.lru_cache(maxsize=4)  # the Gopher and FineWeb steps split the same text in turn (datatrove caches too)
@@ -56,10 +52,6 @@ def doc_words(doc, word_split):
     """The page's words in its language (meta "language", from the language step; English when
     untagged), or None where this machine has no word split for that language."""
     return split_words(doc["text"], str(doc["meta"].get("language") or "en").split(",")[0], word_split)
-
-
-def is_symbol(word):
-    return not any(c.isalnum() for c in word)
 
 
 def find_duplicates(items):
@@ -100,9 +92,7 @@ def url_filter(doc, blocklist=None, banned_words=BANNED_URL_WORDS):
         if any(".".join(parts[i:]) in domains for i in range(len(parts) - 1)):
             return "blocked_domain"
     tokens = set(re.split(r"[^a-z0-9]+", url.lower()))
-    if any(w in tokens for w in banned_words):
-        return "banned_word"
-    return None
+    return "banned_word" if any(w in tokens for w in banned_words) else None
 
 
 # --- language id -------------------------------------------------------------------------
@@ -163,7 +153,7 @@ def gopher_quality(doc, min_words=GOPHER_MIN_WORDS, max_words=GOPHER_MAX_WORDS,
     words = doc_words(doc, word_split)
     if words is None:
         return "no_word_splitter"
-    real = [w for w in words if not is_symbol(w)]
+    real = [w for w in words if any(c.isalnum() for c in w)]  # not symbol-only
     if len(real) < min_words:
         return "too_few_words"
     if len(real) > max_words:
@@ -194,8 +184,6 @@ GOPHER_DUP_LINE_FRAC, GOPHER_DUP_PARA_FRAC = 0.30, 0.30              # duplicate
 GOPHER_DUP_LINE_CHAR_FRAC, GOPHER_DUP_PARA_CHAR_FRAC = 0.20, 0.20    # characters in them
 GOPHER_TOP_NGRAM_CHAR_FRAC = {2: 0.20, 3: 0.18, 4: 0.16}             # most frequent n-gram
 GOPHER_DUP_NGRAM_CHAR_FRAC = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}  # duplicated n-grams
-
-
 _MIX = np.uint64(0x100000001B3)  # FNV-64 prime: n-gram keys as a polynomial in the word ids
 
 
@@ -209,9 +197,8 @@ def ngram_keys(ids, n):
 
 
 def top_ngram_chars(ids, cum, n):
-    """Characters covered by the most frequent n-gram (the first one seen, on ties): its
-    length with the spaces between its words, times its count. cum: prefix sums of word
-    lengths."""
+    """Characters covered by the most frequent n-gram (the first one seen, on ties): its length with the spaces
+    between its words, times its count. cum: prefix sums of word lengths."""
     keys = ngram_keys(ids, n)
     if keys.size == 0:
         return 0
@@ -299,20 +286,17 @@ def count_sentences(line):
 
 def c4(doc, terminal_punctuation=True, min_sentences=C4_MIN_SENTENCES, min_line_words=C4_MIN_LINE_WORDS,
        max_word_chars=C4_MAX_WORD_CHARS):
-    """Line-level cleaning plus page-level removal. Removes lines without terminal
-    punctuation (FineWeb turns this off: terminal_punctuation = false), with fewer than 3
-    words, mentioning javascript or a cookie/terms policy; removes the page for "lorem
-    ipsum", a curly brace, or fewer than 5 sentences in what is left."""
+    """Line-level cleaning plus page-level removal. Removes lines without terminal punctuation (FineWeb turns this
+    off: terminal_punctuation = false), with fewer than 3 words, mentioning javascript or a cookie/terms policy;
+    removes the page for "lorem ipsum", a curly brace, or fewer than 5 sentences in what is left."""
     kept, sentences = [], 0
     for line in doc["text"].split("\n"):
         line = line.strip()
         words = line.split()
-        if any(len(w) > max_word_chars for w in words):
+        if len(words) < min_line_words or any(len(w) > max_word_chars for w in words):
             continue
         line = CITATION.sub("", line)
         if terminal_punctuation and (not line.endswith(C4_END_PUNCTUATION) or line.endswith("...")):
-            continue
-        if len(words) < min_line_words:
             continue
         lower = line.lower()
         if "lorem ipsum" in lower:
@@ -331,9 +315,8 @@ def c4(doc, terminal_punctuation=True, min_sentences=C4_MIN_SENTENCES, min_line_
 
 @functools.lru_cache(maxsize=4)
 def bad_words_pattern(path):
-    """One regex for a bad-words file: any entry (a word or a phrase) between non-word
-    characters or the ends of the text, as tfds c4_utils and datatrove's C4BadWordsFilter
-    match it on the lowercased page."""
+    """One regex for a bad-words file: any entry (a word or a phrase) between non-word characters or the ends of
+    the text, as tfds c4_utils and datatrove's C4BadWordsFilter match it on the lowercased page."""
     words = sorted(load_blocklist(path), key=len, reverse=True)
     if not words:  # an empty alternation would match every page
         raise ValueError(f"{path}: the bad-words file has no entries")
@@ -341,10 +324,9 @@ def bad_words_pattern(path):
 
 
 def c4_bad_words(doc, words):
-    """C4's page removal: the page contains an entry of a bad-words list (Raffel et al. 2020,
-    sec. 2.2 used the "List of Dirty, Naughty, Obscene or Otherwise Bad Words"). words: a
-    file with one lowercase entry per line, for the documents' language; this repository
-    ships none, as it downloads nothing."""
+    """C4's page removal: the page contains an entry of a bad-words list (Raffel et al. 2020, sec. 2.2 used the
+    "List of Dirty, Naughty, Obscene or Otherwise Bad Words"). words: a file with one lowercase entry per line,
+    for the documents' language; this repository ships none, as it downloads nothing."""
     return "bad_word" if bad_words_pattern(words).search(doc["text"].lower()) else None
 
 
@@ -478,17 +460,12 @@ def topic_of(text):
     return topic if 1000 * n / len(words) >= TOPIC_MIN_HITS_PER_1000 else "other"
 
 
-def domain_of(url):
-    host = (urlsplit(url).hostname or "") if url else ""
-    return host.removeprefix("www.")
-
-
 def tag(doc):
     """Step: record meta topic and domain (never removes); counts per topic in the stats."""
     meta = doc["meta"]
     meta["topic"] = topic_of(doc["text"])
     if meta.get("url"):
-        meta["domain"] = domain_of(meta["url"])
+        meta["domain"] = (urlsplit(meta["url"]).hostname or "").removeprefix("www.")
     return {f"topic_{meta['topic']}": 1}
 
 

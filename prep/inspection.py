@@ -1,13 +1,11 @@
 """`python -m prep inspect OUT`: what a run kept and removed, and why.
 
-Prints per-stage and per-step removal rates with their reasons, the first errors with file
-and line, the tokenizer report, top domains and topics of the output, random kept and
-removed samples per filter, and (with --grep) a regex search over the output documents
-or (with --tokens) over the decoded token shards. `python -m prep diff A B` compares two
-runs' manifests: recipe, code, input and output hashes.
+Prints per-stage and per-step removal rates with their reasons, the first errors with file and line, the tokenizer
+report, top domains and topics of the output, random kept and removed samples per filter, and (with --grep) a regex
+search over the output documents or (with --tokens) over the decoded token shards. `python -m prep diff A B` compares
+two runs' manifests: recipe, code, input and output hashes.
 """
 import glob
-import json
 import os
 import random
 import re
@@ -95,8 +93,7 @@ def grep_tokens(tokens_dir, pattern, limit=20, width=80):
     tok = Tokenizer.from_file(os.path.join(tokens_dir, "tokenizer.json"))
     rx, hits = re.compile(pattern), 0
     for path in sorted(glob.glob(os.path.join(tokens_dir, "*.bin"))):
-        with open(path[:-len(".bin")] + ".json") as f:
-            meta = json.load(f)
+        meta = readers.read_json(path[:-len(".bin")] + ".json")
         ids = np.fromfile(path, dtype=meta["dtype"])
         starts = np.flatnonzero(ids == meta["bos_id"]).tolist() + [len(ids)]
         for i, (a, b) in enumerate(zip(starts, starts[1:])):
@@ -112,10 +109,7 @@ def grep_tokens(tokens_dir, pattern, limit=20, width=80):
 
 def diff(a, b):
     """What differs between two runs' manifests: recipe, code, inputs and outputs."""
-    with open(os.path.join(a, "manifest.json")) as f:
-        ma = json.load(f)
-    with open(os.path.join(b, "manifest.json")) as f:
-        mb = json.load(f)
+    ma, mb = (readers.read_json(os.path.join(d, "manifest.json")) for d in (a, b))
     changes = 0
     for key in ("recipe_sha256", "tasks", "code"):
         if ma[key] != mb[key]:
@@ -132,20 +126,18 @@ def diff(a, b):
     return changes
 
 
+def _tokens_dir(out):
+    recipe = readers.read_json(os.path.join(out, "recipe.json"))["recipe"]
+    return recipe["output"]["tokens"] or os.path.join(out, "tokens")
+
+
 def inspect(out, samples=3, pattern=None, seed=0, top=10, tokens=False):
-    if pattern and tokens:
-        with open(os.path.join(out, "recipe.json")) as f:
-            return grep_tokens(json.load(f)["recipe"]["output"]["tokens"] or os.path.join(out, "tokens"), pattern)
     if pattern:
-        return grep(out, pattern)
-    with open(os.path.join(out, "stats.json")) as f:
-        print_stats(json.load(f))
-    with open(os.path.join(out, "recipe.json")) as f:
-        tokens = json.load(f)["recipe"]["output"]["tokens"] or os.path.join(out, "tokens")
-    report = os.path.join(tokens, "tokenizer.stats.json")
+        return grep_tokens(_tokens_dir(out), pattern) if tokens else grep(out, pattern)
+    print_stats(readers.read_json(os.path.join(out, "stats.json")))
+    report = os.path.join(_tokens_dir(out), "tokenizer.stats.json")
     if os.path.exists(report):
-        with open(report) as f:
-            t = json.load(f)
+        t = readers.read_json(report)
         print(f"\ntokenizer: vocab {t['vocab_size']}, {t['bytes_per_token']:.2f} bytes/token, "
               f"{t['unused_tokens']} tokens unused on held-out text")
         print(f"  longest: {t['longest_tokens'][:8]}")

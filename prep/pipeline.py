@@ -15,12 +15,11 @@ independent tasks; task k of a docs stage reads task k of the previous one. So:
     tokenize     task k -> tokens/{train,val}_k_NNNNN.bin (N)
     summary      stats.json, tokens/stats.json, manifest.json (1)
 
-A task writes its outputs under temporary names, renames them, and writes its stats file
-last: the stats file is the "done" record. A re-run skips done tasks, so a killed run
-resumes, and since every output depends only on the recipe and the inputs, it ends with
-the same bytes as an uninterrupted run; recipe.json records both, and a re-run with other
-input files is refused. Every docs stage accounts for every document
-(in = kept + removed + errored) per step and per reason.
+A task writes its outputs under temporary names, renames them, and writes its stats file last: the stats file is the
+"done" record. A re-run skips done tasks, so a killed run resumes, and since every output depends only on the recipe
+and the inputs, it ends with the same bytes as an uninterrupted run; recipe.json records both, and a re-run with
+other input files is refused. Every docs stage accounts for every document (in = kept + removed + errored) per step
+and per reason.
 """
 import glob
 import hashlib
@@ -59,11 +58,7 @@ class Run:
         return os.path.exists(self.path(stage["name"], f"stats_{task:05d}.json"))
 
     def stage_stats(self, stage):
-        out = []
-        for t in range(stage["tasks"]):
-            with open(self.path(stage["name"], f"stats_{t:05d}.json")) as f:
-                out.append(json.load(f))
-        return out
+        return [readers.read_json(self.path(stage["name"], f"stats_{t:05d}.json")) for t in range(stage["tasks"])]
 
 
 def prepare(recipe, out_dir, n_tasks, recipe_text=""):
@@ -73,15 +68,13 @@ def prepare(recipe, out_dir, n_tasks, recipe_text=""):
     spec = {"recipe": recipe, "tasks": n_tasks}
     path = os.path.join(out_dir, "recipe.json")
     if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if {k: old.get(k) for k in spec} != spec:
-            raise ValueError(f"{out_dir} holds a run of a different recipe or task count; use another output "
-                             "directory or delete it to start over")
+        old = readers.read_json(path)
+        same = {k: old.get(k) for k in spec} == spec
         changed = _changes(old.get("inputs", inputs), inputs)  # runs recorded before inputs were: not checked
-        if changed:
-            raise ValueError(f"{out_dir} holds a run of other input files ({changed}); use another output "
-                             "directory or delete it to start over")
+        if not same or changed:
+            what = f"other input files ({changed})" if same else "a different recipe or task count"
+            raise ValueError(f"{out_dir} holds a run of {what}; use another output directory or delete it to "
+                             "start over")
     else:
         os.makedirs(out_dir, exist_ok=True)
         _write_json(path, {**spec, "inputs": inputs})
@@ -193,12 +186,9 @@ def index_task(r, stage, task):
 
 
 def load_index(r):
-    blocks, files = [], []
-    for t in range(r.n_tasks):
-        with open(r.path(r.stages[0]["name"], f"index_{t:05d}.json")) as f:
-            idx = json.load(f)
-        blocks += idx["blocks"]
-        files += idx["files"]
+    idx = [readers.read_json(r.path(r.stages[0]["name"], f"index_{t:05d}.json")) for t in range(r.n_tasks)]
+    blocks = [b for i in idx for b in i["blocks"]]
+    files = [f for i in idx for f in i["files"]]
     order = {p: i for i, p in enumerate(sorted({b["file"] for b in blocks}))}
     blocks.sort(key=lambda b: (order[b["file"]], b["offset"]))
     return blocks, files
@@ -224,9 +214,7 @@ def _source(r, stage, task, errors):
     if stage["source"] == "blocks":
         blocks, _ = load_index(r)
         inp = r.recipe["input"]
-        for block, owner in zip(blocks, split_blocks(blocks, r.n_tasks)):
-            if owner != task:
-                continue
+        for block in [b for b, owner in zip(blocks, split_blocks(blocks, r.n_tasks)) if owner == task]:
             for doc, err in readers.read_block(block, inp["format"], inp["max_doc_bytes"]):
                 if err:
                     errors.append(err)
@@ -251,9 +239,8 @@ def _duplicates(r, stage, task):
     """{index in this task's input: kept document id (or None)} from the dedup clusters stage."""
     if not stage.get("dedup"):
         return {}
-    clusters = next(s for s in reversed(r.stages) if s["kind"] == "clusters" and s["name"] < stage["name"])
-    with open(r.path(clusters["name"], f"duplicates_{task:05d}.json")) as f:
-        return {int(k): v for k, v in json.load(f).items()}
+    path = r.path(_previous(r, stage, "clusters")["name"], f"duplicates_{task:05d}.json")
+    return {int(k): v for k, v in readers.read_json(path).items()}
 
 
 def docs_task(r, stage, task):
@@ -365,10 +352,7 @@ def buckets_task(r, stage, band):
 
 def clusters_task(r, stage, task):
     first = _previous(r, stage, "hashes" if stage["dedup"] == "exact_dedup" else "signatures")
-    ids_per_task = []
-    for t in range(r.n_tasks):
-        with open(r.path(first["name"], f"ids_{t:05d}.json")) as f:
-            ids_per_task.append(json.load(f))
+    ids_per_task = [readers.read_json(r.path(first["name"], f"ids_{t:05d}.json")) for t in range(r.n_tasks)]
     ids = [i for task_ids in ids_per_task for i in task_ids]
     if stage["dedup"] == "exact_dedup":
         hashes = np.concatenate([np.load(r.path(first["name"], f"hashes_{t:05d}.npy")) for t in range(r.n_tasks)])
@@ -431,11 +415,6 @@ def tokenizer_task(r, stage, task):
     return {"total_chars": total, "sample_fraction": p, **report}
 
 
-def _tokenizer_path(r, stage):
-    given = stage["settings"]["tokenizer"]
-    return given or os.path.join(r.tokens, "tokenizer.json")
-
-
 def _recipe_sha(r):
     return hashlib.sha256(json.dumps(r.recipe, sort_keys=True).encode()).hexdigest()
 
@@ -444,7 +423,7 @@ def tokenize_task(r, stage, task):
     st = stage["settings"]
     out = r.tokens
     os.makedirs(out, exist_ok=True)
-    tok = _tokenizer_path(r, stage)
+    tok = st["tokenizer"] or os.path.join(out, "tokenizer.json")
     if st["tokenizer"] and not os.path.exists(os.path.join(out, "tokenizer.json")):
         import shutil
         shutil.copyfile(tok, os.path.join(out, "tokenizer.json"))
@@ -486,15 +465,14 @@ def summary_task(r, stage, task):
     summary = {"stages": {}}
     for s in r.stages[:-1]:
         per_task = r.stage_stats(s)
+        seconds = round(sum(t["seconds"] for t in per_task), 2)
         if s["kind"] != "docs":  # a one-task stage's result (cluster report, tokenizer report) in full
-            seconds = round(sum(t["seconds"] for t in per_task), 2)
             summary["stages"][s["name"]] = {"tasks": s["tasks"], "seconds": seconds,
                                             **(per_task[0] if s["tasks"] == 1 else {})}
             continue
         agg = {k: sum(t[k] for t in per_task) for k in ("in", "kept", "removed", "errored", "bytes_out")}
-        agg["seconds"] = round(sum(t["seconds"] for t in per_task), 2)
-        agg["steps"] = _sum_steps([t["steps"] for t in per_task])
-        agg["errors"] = [e for t in per_task for e in t["errors"]][:MAX_ERRORS_KEPT]
+        agg.update(seconds=seconds, steps=_sum_steps([t["steps"] for t in per_task]),
+                   errors=[e for t in per_task for e in t["errors"]][:MAX_ERRORS_KEPT])
         check_accounting(s["name"], agg)
         summary["stages"][s["name"]] = agg
     _write_json(os.path.join(r.out, "stats.json"), summary)
@@ -512,9 +490,8 @@ def summary_task(r, stage, task):
         outputs.append(os.path.join(rel, "tokenizer.json"))
     last = [s for s in r.stages if s["kind"] == "docs"][-1]
     outputs += [os.path.join(last["name"], f"docs_{t:05d}.jsonl.gz") for t in range(r.n_tasks)]
-    _, files = load_index(r)
     manifest = {"recipe": r.recipe, "recipe_sha256": _recipe_sha(r), "tasks": r.n_tasks, "code": code_revision(),
-                "inputs": files,
+                "inputs": load_index(r)[1],
                 "outputs": [{"path": p, "bytes": os.path.getsize(os.path.join(r.out, p)),
                              "sha256": shards.file_sha256(os.path.join(r.out, p))} for p in outputs]}
     _write_json(os.path.join(r.out, "manifest.json"), manifest)
@@ -526,9 +503,8 @@ def _sum_steps(per_task):
     for steps in per_task:
         for name, s in steps.items():
             o = out.setdefault(name, {"in": 0, "kept": 0, "removed": {}, "errored": 0, "counters": {}})
-            o["in"] += s["in"]
-            o["kept"] += s["kept"]
-            o["errored"] += s["errored"]
+            for key in ("in", "kept", "errored"):
+                o[key] += s[key]
             for key in ("removed", "counters"):
                 for k, v in s[key].items():
                     o[key][k] = o[key].get(k, 0) + v
@@ -536,8 +512,7 @@ def _sum_steps(per_task):
 
 
 def check_accounting(name, agg):
-    """in = kept + removed + errored, for the stage and for each step; each step's input is
-    the previous step's output."""
+    """in = kept + removed + errored for the stage and each step; each step's input is the previous step's output."""
     if agg["in"] != agg["kept"] + agg["removed"] + agg["errored"]:
         raise AssertionError(f"{name}: {agg['in']} in != {agg['kept']} kept + {agg['removed']} removed + "
                              f"{agg['errored']} errored")

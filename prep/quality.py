@@ -11,7 +11,7 @@ import json
 import math
 import re
 import zlib
-from collections import Counter, defaultdict
+from collections import Counter
 
 import numpy as np
 
@@ -20,10 +20,6 @@ TOKEN = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
 def tokens_of(text):
     return TOKEN.findall(text.lower())
-
-
-def _doc_rng(doc_id, seed):
-    return np.random.default_rng(zlib.crc32(f"{seed}:{doc_id}".encode()))
 
 
 # --- classifier --------------------------------------------------------------------------
@@ -46,10 +42,9 @@ def features(text, buckets=CLASSIFIER_BUCKETS, ngrams=CLASSIFIER_NGRAMS):
 
 def train_classifier(positive, negative, buckets=CLASSIFIER_BUCKETS, ngrams=CLASSIFIER_NGRAMS, epochs=5, lr=0.5,
                      seed=0):
-    """Logistic regression by SGD on the mean of hashed n-gram weights. Every n-gram of the
-    document takes the full gradient step, not 1/n of it (the mean's own gradient): with a
-    single output dimension the 1/n steps leave long documents' weights almost unmoved.
-    Returns the model dict."""
+    """Logistic regression by SGD on the mean of hashed n-gram weights. Every n-gram of the document takes the
+    full gradient step, not 1/n of it (the mean's own gradient): with a single output dimension the 1/n steps
+    leave long documents' weights almost unmoved. Returns the model dict."""
     data = [(features(t, buckets, ngrams), 1.0) for t in positive] + [(features(t, buckets, ngrams), 0.0)
                                                                        for t in negative]
     w, b = np.zeros(buckets, np.float32), 0.0
@@ -91,7 +86,8 @@ def classifier(doc, model, threshold=0.5, selection="threshold", pareto_alpha=PA
     if selection == "threshold":
         return None if score >= threshold else "low_score"
     if selection == "sample":
-        return None if _doc_rng(doc["id"], seed).pareto(pareto_alpha) > 1 - score else "not_sampled"
+        rng = np.random.default_rng(zlib.crc32(f"{seed}:{doc['id']}".encode()))
+        return None if rng.pareto(pareto_alpha) > 1 - score else "not_sampled"
     raise ValueError(f"classifier: selection must be 'threshold' or 'sample', not {selection!r}")
 
 
@@ -99,27 +95,24 @@ def classifier(doc, model, threshold=0.5, selection="threshold", pareto_alpha=PA
 
 # Interpolated Kneser-Ney (Chen and Goodman 1999) with the usual single discount 0.75.
 KN_ORDER, KN_DISCOUNT = 3, 0.75
-# CCNet (Wenzek et al. 2020, sec. 3.3) cuts perplexity at the 33rd and 66th percentiles into
-# head / middle / tail buckets.
+# CCNet (Wenzek et al. 2020, sec. 3.3) cuts perplexity at the 33rd and 66th percentiles into head/middle/tail buckets.
 PERPLEXITY_PERCENTILES = (33, 66)
 BOS_TOKEN, EOS_TOKEN = "<s>", "</s>"
 
 
 class KneserNey:
-    """P(w | h) = max(c(h w) - D, 0) / c(h) + D N(h .) / c(h) P(w | h minus its first word),
-    from the unigram level (over the vocabulary plus one unknown word, uniform below it)
-    up. The highest order counts n-grams; lower orders count *continuations*: in how many
-    distinct contexts a k-gram appears. So each level is a distribution that sums to 1."""
+    """P(w | h) = max(c(h w) - D, 0) / c(h) + D N(h .) / c(h) P(w | h minus its first word), from the unigram
+    level (over the vocabulary plus one unknown word, uniform below it) up. The highest order counts n-grams; lower
+    orders count *continuations*: in how many distinct contexts a k-gram appears. So each level sums to 1."""
 
     def __init__(self, counts, order, discount=KN_DISCOUNT):
         self.order, self.discount, self.counts = order, discount, counts  # counts[k][k-gram tuple]
-        self.context = [None] + [defaultdict(lambda: [0, 0]) for _ in range(order)]
+        self.context = [None] + [{} for _ in range(order)]  # context[k][h] = [c(h), N(h .)]
         for k in range(1, order + 1):
             for gram, c in counts[k].items():
-                total = self.context[k][gram[:-1]]
+                total = self.context[k].setdefault(gram[:-1], [0, 0])
                 total[0] += c
                 total[1] += 1
-        self.context = [None] + [dict(c) for c in self.context[1:]]
         self.vocab_size = len(counts[1])
 
     @classmethod

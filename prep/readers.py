@@ -39,6 +39,11 @@ def open_text(path, mode="rt", gz=None):
     return open(path, mode, encoding="utf-8")
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 def tree_files(root, suffixes=TEXT_SUFFIXES, skip_dirs=("site-packages", "__pycache__", ".git")):
     """Every file under root with one of the suffixes, in sorted (reproducible) order."""
     for dirpath, dirnames, filenames in os.walk(root):
@@ -97,14 +102,11 @@ def read_jsonl(path, errors=None):
 
 
 def write_jsonl(docs, path):
-    """Write documents to path atomically; returns the count. A .gz path gets a new gzip
-    member every ~1 MB (still one valid gzip file) so that it can be split into blocks,
-    and mtime 0 in the headers so the same documents give the same bytes."""
-    tmp, n = path + ".tmp", 0
-    gz = path.endswith(".gz")
+    """Write documents to path atomically; returns the count. A .gz path gets a new gzip member every ~1 MB (still
+    one valid gzip file), so it can be split into blocks, and mtime 0 in the headers: same documents, same bytes."""
+    tmp, n, gz = path + ".tmp", 0, path.endswith(".gz")
     with open(tmp, "wb") as f:
-        buf = []
-        size = 0
+        buf, size = [], 0
         for doc in docs:
             line = (json.dumps(doc, ensure_ascii=False) + "\n").encode()
             buf.append(line)
@@ -146,10 +148,9 @@ def _plain_blocks(f, path):
         if not chunk:
             break
         chunk += f.readline()  # finish the line: blocks start at line starts
-        end = start + len(chunk)
-        blocks.append({"file": path, "offset": start, "length": end - start, "line": lines})
+        blocks.append({"file": path, "offset": start, "length": len(chunk), "line": lines})
         lines += chunk.count(b"\n")
-        start = end
+        start += len(chunk)
     return blocks
 
 

@@ -14,21 +14,10 @@ import tomllib
 from prep import dedup, filters, quality, readers, warc
 from prep.tokenizer import SPECIAL_TOKENS
 
-DOC_STEPS = {
-    "url_filter": filters.url_filter,
-    "extract": warc.extract,
-    "language": filters.language,
-    "gopher_repetition": filters.gopher_repetition,
-    "gopher_quality": filters.gopher_quality,
-    "c4": filters.c4,
-    "c4_bad_words": filters.c4_bad_words,
-    "fineweb": filters.fineweb,
-    "code": filters.code,
-    "classifier": quality.classifier,
-    "perplexity": quality.perplexity,
-    "pii": filters.pii,
-    "tag": filters.tag,
-}
+DOC_STEPS = {"url_filter": filters.url_filter, "extract": warc.extract, "language": filters.language,
+             "gopher_repetition": filters.gopher_repetition, "gopher_quality": filters.gopher_quality,
+             "c4": filters.c4, "c4_bad_words": filters.c4_bad_words, "fineweb": filters.fineweb, "code": filters.code,
+             "classifier": quality.classifier, "perplexity": quality.perplexity, "pii": filters.pii, "tag": filters.tag}
 # Steps that see all documents, with their settings and defaults.
 GLOBAL_STEPS = {
     "exact_dedup": {},
@@ -42,6 +31,7 @@ INPUT_DEFAULTS = {"paths": [], "format": "jsonl", "suffixes": list(readers.TEXT_
                   "max_doc_bytes": readers.MAX_DOC_BYTES}
 OUTPUT_DEFAULTS = {"dir": "", "tokens": "", "removed_samples": 20}  # tokens: default DIR/tokens
 INF = float("inf")
+_REQUIRED = object()  # the default of a step setting that has none
 # Numeric settings that must lie in [low, high), checked at load wherever they appear: val_fraction 1
 # would leave no training tokens, a vocabulary needs the 256 bytes and the special tokens.
 RANGES = {"val_fraction": (0, 1), "vocab_size": (256 + len(SPECIAL_TOKENS), INF), "removed_samples": (-1, INF),
@@ -103,9 +93,6 @@ def validate(raw, path="recipe"):
             raise ValueError(f"{where}: unknown step; valid: {sorted(DOC_STEPS) + sorted(GLOBAL_STEPS)}")
         recipe["step"].append({"name": name, **settings})
     return recipe
-
-
-_REQUIRED = object()
 
 
 def _step_params(fn):

@@ -1,11 +1,10 @@
 """Tokenization into training shards, in parallel worker processes.
 
-Format (DESIGN.md): NAME.bin is a flat little-endian array of token ids (uint16 when the
-vocabulary fits, else uint32); NAME.json beside it holds dtype, token and document counts,
-the UTF-8 bytes the tokens stand for, the tokenizer's sha256 and the lineage of the input.
-Every document becomes [<|bos|>] + its tokens, so a window that starts mid-stream still
-sees where documents begin. A document goes to val when a hash of its id says so: the
-split is stable when documents are added or reordered.
+Format (DESIGN.md): NAME.bin is a flat little-endian array of token ids (uint16 when the vocabulary fits, else
+uint32); NAME.json beside it holds dtype, token and document counts, the UTF-8 bytes the tokens stand for, the
+tokenizer's sha256 and the lineage of the input. Every document becomes [<|bos|>] + its tokens, so a window that
+starts mid-stream still sees where documents begin. A document goes to val when a hash of its id says so: the split
+is stable when documents are added or reordered.
 """
 import hashlib
 import json
@@ -28,9 +27,8 @@ def shard_dtype(vocab_size):
 def write_shard(path, tokens, meta):
     """Write NAME.bin then NAME.json, each through a temporary name: a reader never
     sees a sidecar whose tokens are not fully on disk."""
-    tmp = path + ".tmp"
-    tokens.tofile(tmp)
-    os.replace(tmp, path)
+    tokens.tofile(path + ".tmp")
+    os.replace(path + ".tmp", path)
     sidecar = path[:-len(".bin")] + ".json"
     with open(sidecar + ".tmp", "w") as f:
         json.dump({"dtype": np.dtype(tokens.dtype).name, "tokens": int(tokens.size), **meta}, f, indent=1)
@@ -98,17 +96,13 @@ def _batches(docs, val_fraction, batch_docs):
         yield batch
 
 
-def tokenizer_meta(tokenizer_path):
-    tok = Tokenizer.from_file(tokenizer_path)
-    return {"vocab_size": tok.get_vocab_size(), "bos_id": tok.token_to_id(BOS),
-            "tokenizer_sha256": file_sha256(tokenizer_path)}
-
-
 def tokenize_docs(docs, tokenizer_path, out_dir, lineage, workers=1, val_fraction=0.005, shard_tokens=1 << 24,
                   batch_docs=64, prefix=""):
     """Tokenize an iterable of documents into out_dir/{train,val}_{prefix}NNNNN.bin (+ .json
     sidecars). Returns {"train": {documents, tokens, bytes, shards}, "val": {...}}."""
-    meta = {**tokenizer_meta(tokenizer_path), "lineage": lineage}
+    tok = Tokenizer.from_file(tokenizer_path)
+    meta = {"vocab_size": tok.get_vocab_size(), "bos_id": tok.token_to_id(BOS),
+            "tokenizer_sha256": file_sha256(tokenizer_path), "lineage": lineage}
     bos = np.array([meta["bos_id"]], dtype=np.uint32)
     writers = {s: ShardWriter(out_dir, s, shard_dtype(meta["vocab_size"]), meta, shard_tokens, prefix)
                for s in ("train", "val")}
@@ -133,8 +127,7 @@ def tokenize_docs(docs, tokenizer_path, out_dir, lineage, workers=1, val_fractio
 
 
 def summarize(splits, **extra):
-    """The stats.json figures (train.py's report reads train/val documents, tokens, bytes
-    and bytes_per_token)."""
+    """The stats.json figures (train.py's report reads train/val documents, tokens, bytes and bytes_per_token)."""
     n = splits["train"]["tokens"] + splits["val"]["tokens"]
     return {**splits, **extra, "bytes_per_token": (splits["train"]["bytes"] + splits["val"]["bytes"]) / max(n, 1)}
 

@@ -1,9 +1,8 @@
 """Byte-level BPE tokenizer training with the `tokenizers` library.
 
-Byte-level: text is split into UTF-8 bytes before merges are learnt, so every string
-encodes (no unknown token) and decoding gives back the exact input, whitespace and any
-Unicode included. Digits are split one by one (Llama, PaLM) so numbers are spelled out
-digit by digit instead of as arbitrary merged chunks.
+Byte-level: text is split into UTF-8 bytes before merges are learnt, so every string encodes (no unknown token) and
+decoding gives back the exact input, whitespace and any Unicode included. Digits are split one by one (Llama, PaLM)
+so numbers are spelled out digit by digit instead of as arbitrary merged chunks.
 """
 import hashlib
 import random
@@ -15,11 +14,10 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 BOS, EOS, PAD = SPECIAL_TOKENS[:3]
 
-# The one chat format: alignment and inference render conversations with this Jinja template
-# (run as transformers' apply_chat_template runs it), and the Hugging Face export ships it, so a
-# model is trained and served on the same text. <|bos|> once, then <|role|>content<|end|> per
-# {"role", "content"} message; add_generation_prompt opens the assistant's turn. An unknown role
-# is an error, not text that would look like a special token without being one.
+# The one chat format: alignment and inference render conversations with this Jinja template (run as transformers'
+# apply_chat_template runs it), and the Hugging Face export ships it, so a model is trained and served on the same
+# text. <|bos|> once, then <|role|>content<|end|> per {"role", "content"} message; add_generation_prompt opens the
+# assistant's turn. An unknown role is an error, not text that would look like a special token without being one.
 CHAT_TEMPLATE = (
     "<|bos|>{% for m in messages %}"
     "{% if m['role'] not in ('system', 'user', 'assistant') %}"
@@ -45,30 +43,21 @@ SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\
                  r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
 
 
-def new_tokenizer():
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    return tok
-
-
 def sample_texts(docs, max_chars, seed=0, total_chars=None):
     """A sample of about max_chars drawn across the whole corpus (not its first files):
     each document is kept with probability max_chars / total_chars."""
     p = 1.0 if not total_chars else min(1.0, max_chars / total_chars)
     rng = random.Random(seed)
-    for doc in docs:
-        if rng.random() < p:
-            yield doc["text"]
+    return (doc["text"] for doc in docs if rng.random() < p)
 
 
 def train_tokenizer(texts, vocab_size, min_frequency=2):
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size={vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} special tokens")
-    tok = new_tokenizer()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
                                   special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -82,9 +71,8 @@ def file_sha256(path):
 
 
 def describe(tok, texts, n_longest=10):
-    """Figures for a report: bytes per token on `texts`, the longest tokens and the least
-    used ones on `texts` (long or never-used tokens — repeated separators, boilerplate,
-    mojibake — betray junk in the corpus the tokenizer was trained on)."""
+    """Figures for a report: bytes per token on `texts`, the longest tokens, and the least used ones on `texts`
+    (long or unused tokens — repeated separators, boilerplate, mojibake — betray junk in the training corpus)."""
     n_bytes = sum(len(t.encode()) for t in texts)
     counts = Counter(i for e in tok.encode_batch(texts, add_special_tokens=False) for i in e.ids)
     ids = [i for i in range(tok.get_vocab_size()) if tok.id_to_token(i) not in SPECIAL_TOKENS]

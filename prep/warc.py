@@ -1,11 +1,10 @@
-"""Common Crawl input: WARC records (raw HTTP responses) and WET records (extracted text),
-read with the standard library, and HTML main-text extraction.
+"""Common Crawl input: WARC records (raw HTTP responses) and WET records (extracted text), read with the standard
+library, and HTML main-text extraction.
 
-A WARC file is a sequence of records: a `WARC/1.0` line, header lines, a blank line, then
-Content-Length bytes of block. Common Crawl gzips each record as its own member, which is
-what lets prep split one file across tasks. Request, metadata and warcinfo records are not
-documents and are passed over; every response becomes a document (a non-HTML one with
-empty text, which the extract step removes and counts).
+A WARC file is a sequence of records: a `WARC/1.0` line, header lines, a blank line, then Content-Length bytes of
+block. Common Crawl gzips each record as its own member, which is what lets prep split one file across tasks.
+Request, metadata and warcinfo records are not documents and are passed over; every response becomes a document (a
+non-HTML one with empty text, which the extract step removes and counts).
 """
 import functools
 import gzip
@@ -52,10 +51,7 @@ def split_http(block):
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
     status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
+    headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
     if "chunked" in headers.get("transfer-encoding", "").lower():
         body = _dechunk(body)
     encoding = headers.get("content-encoding", "").lower()
@@ -93,9 +89,8 @@ def decode_html(body, content_type):
 
 
 def read_warc(stream, path, offset, fmt, max_doc_bytes):
-    """(doc, None) per response (fmt "warc") or conversion (fmt "wet") record, (None, error)
-    per record that cannot be read; errors name the file, the block's byte offset and the
-    record's number within the block."""
+    """(doc, None) per response (fmt "warc") or conversion (fmt "wet") record, (None, error) per record that
+    cannot be read; errors name the file, the block's byte offset and the record's number within the block."""
     want = "response" if fmt == "warc" else "conversion"
     records = iter_records(stream)
     for i in range(1 << 62):
@@ -202,11 +197,10 @@ def html_to_text(html, extractor="trafilatura"):
 
 
 def extract(doc, extractor="auto"):
-    """Step: replace a WARC response's HTML by its main text (other documents pass as they
-    are; non-HTML responses are removed). "auto" takes the best extractor that imports
-    (trafilatura, resiliparse, then the stdlib html.parser fallback), and warns, once per process,
-    why it passed over one that is installed; naming one that does not import is an error that
-    says why (the ImportError's message)."""
+    """Step: replace a WARC response's HTML by its main text (other documents pass as they are; non-HTML responses
+    are removed). "auto" takes the best extractor that imports (trafilatura, resiliparse, then the stdlib
+    html.parser fallback), and warns, once per process, why it passed over one that is installed; naming one that
+    does not import is an error that says why (the ImportError's message)."""
     found = extractors()
     if extractor == "auto":
         extractor = next(name for name, why in found.items() if why is None)

@@ -7,6 +7,7 @@ Reads each run's metrics.jsonl; --report appends the image to a report.md (the d
 loss curve). Needs matplotlib, an optional extra (pip install matplotlib).
 """
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -60,9 +61,7 @@ def main(argv=None):
     p.add_argument("--out", default="curves.png")
     p.add_argument("--report", help="append the image to this report.md (written next to it)")
     args = p.parse_args(argv)
-    try:
-        import matplotlib.pyplot  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         sys.exit("scripts/plot.py needs matplotlib: pip install matplotlib")
     out = os.path.join(os.path.dirname(args.report), os.path.basename(args.out)) if args.report else args.out
     try:

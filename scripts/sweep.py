@@ -13,7 +13,6 @@ The table is written to OUT/results.md and OUT/results.jsonl.
 import argparse
 import itertools
 import json
-import math
 import os
 import subprocess
 import sys
@@ -59,16 +58,14 @@ def run_all(commands, parallel):
 
 
 def table(rows, keys):
-    """Markdown: one row per run, the best learning rate of each other setting marked."""
+    """Markdown: one row per run, the best learning rate of each setting of the other keys marked."""
     others = [k for k in keys if k != "optim.lr"]
     best = {}
-    for r in rows:
-        group = tuple(r[k] for k in others)
-        if r["val_loss"] is not None and ("optim.lr" in keys) and r["val_loss"] < best.get(group, (math.inf,))[0]:
-            best[group] = (r["val_loss"], r["run"])
+    for r in sorted((r for r in rows if r["val_loss"] is not None), key=lambda r: -r["val_loss"]):
+        best[tuple(r[k] for k in others)] = r["run"]  # the lowest loss is written last
     lines = ["| " + " | ".join(keys) + " | final val loss | |", "|" + "---|" * (len(keys) + 2)]
     for r in rows:
-        mark = "best lr" if best.get(tuple(r[k] for k in others), (0, None))[1] == r["run"] else ""
+        mark = "best lr" if "optim.lr" in keys and best.get(tuple(r[k] for k in others)) == r["run"] else ""
         loss = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "failed"
         lines.append("| " + " | ".join(r[k] for k in keys) + f" | {loss} | {mark} |")
     return "\n".join(lines)

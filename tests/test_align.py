@@ -80,12 +80,16 @@ def test_dpo_losses_equal_closed_forms_and_trl(loss_type, smoothing):
     assert r_rejected.tolist() == pytest.approx((beta * (pr - rr)).tolist())
 
 
-def test_gsm8k_reward():
+def test_reward_functions():
     ex = {"answer": "Natalia sold 48/2 = 24 clips.\n#### 1,072"}
     assert align.gsm8k_reward("so 1000 + 72 = 1072", ex) == 1.0
     assert align.gsm8k_reward("the answer is 1,072.", ex) == 1.0
     assert align.gsm8k_reward("1072 or maybe 1073", ex) == 0.0
     assert align.gsm8k_reward("no number", ex) == 0.0
+    ask = {"prompt": "List these names: print open"}
+    assert align.list_format_reward("print, open.", ask) == 1.0
+    assert align.list_format_reward("print open", ask) == 0.5  # the names, not the format
+    assert align.list_format_reward("open, zip.", ask) == 0.75  # the format, half the names
 
 
 # ----------------------------------------------------------------------------------------

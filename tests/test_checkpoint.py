@@ -193,8 +193,8 @@ def _poisoned_train(cfg):
         seen["kind"] = "nan" if bool((ids == 0).all()) else "spike" if bool((ids == 1).all()) else None
         return embed(self, ids) * (float("nan") if seen["kind"] == "nan" else 1.0)
 
-    def poisoned_head(self, h, targets=None, ignore_index=-100):
-        return head(self, h * 30 if seen.get("kind") == "spike" else h, targets, ignore_index)
+    def poisoned_head(self, h, targets=None, ignore_index=-100, per_token=False):
+        return head(self, h * 30 if seen.get("kind") == "spike" else h, targets, ignore_index, per_token)
 
     data.Loader.next_batch, torch.nn.Embedding.forward, model.LMHead.forward = \
         poisoned_next_batch, poisoned_embed, poisoned_head
