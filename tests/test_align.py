@@ -2,6 +2,7 @@
 packing, the data layouts and their errors, and SFT, RM, DPO, RLOO, GRPO and PPO learning
 on tiny models, under dp2 and tp2 as on one process, resuming exactly."""
 import json
+import math
 import os
 
 import pytest
@@ -70,7 +71,6 @@ def test_dpo_losses_equal_closed_forms_and_trl(loss_type, smoothing):
     beta = 0.3
     losses, r_chosen, r_rejected = align.dpo_loss(pc, pr, rc, rr, beta, loss_type, smoothing)
     h = [(a - b) - (c - d) for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())]
-    import math
     closed = {"sigmoid": [-(1 - smoothing) * math.log(1 / (1 + math.exp(-beta * x)))
                           - smoothing * math.log(1 / (1 + math.exp(beta * x))) for x in h],
               "ipo": [(x - 1 / (2 * beta)) ** 2 for x in h], "hinge": [max(0.0, 1 - beta * x) for x in h]}[loss_type]
@@ -295,3 +295,17 @@ def test_resume_continues_exactly(base):
         assert torch.equal(a[name], b[name]), name
     assert [r["loss"] for r in metrics(full) if "grad_norm" in r] == [r["loss"] for r in metrics(half)
                                                                      if "grad_norm" in r]
+
+
+def test_starts_from_a_hugging_face_directory(base):
+    """init_from may be a Hugging Face directory (here the base model exported): the model's
+    config and tokenizer come from it, and the run starts from its weights."""
+    import checkpoint
+    hf = str(base["dir"] / "hf")
+    checkpoint.export_hf(base["ckpt"], hf)
+    cfg = align_config(base, "from-hf", "rm", optim=dict(steps=2), train=dict(init_from=hf))
+    align.align(cfg)
+    val = [r for r in metrics(cfg) if "val_loss" in r]
+    assert val[0]["val_loss"] == pytest.approx(math.log(2), abs=1e-6)  # the new value head starts at zero
+    ours = checkpoint.load_model(os.path.join(cfg.log.dir, "checkpoints", "step_0000002"))[1]
+    assert ours.cfg.value_head and ours.cfg.d_model == 32
