@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole recipe on a CPU in about 12 minutes (2 cores): the Python standard library as a corpus,
+# The whole recipe on a CPU in about 11 minutes (2 cores): the Python standard library as a corpus,
 # cleaned and deduplicated by the prep pipeline -> a byte-level BPE tokenizer -> token
 # shards -> pretraining a tiny Llama -> samples -> a draft model -> int8 and speculative decoding
 # -> SFT and DPO on a synthetic chat set, and a one-page report.md of the run. RUN=dir, STEPS=n
