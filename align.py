@@ -500,6 +500,8 @@ def check_align_layout(cfg):
     if a.method in RL and (p.tp > 1 or p.zero == 3):
         raise ConfigError(f"align.method = {a.method!r} with parallel.tp or zero = 3: rollouts generate on each "
                           "rank alone, so RL runs under dp with ZeRO 0-2")
+    if a.method == "dpo" and not a.beta > 0:
+        raise ConfigError(f"align.beta = {a.beta}: DPO's beta must be above 0 (it scales the implicit reward)")
     if a.method in RL and not a.reward:
         raise ConfigError("align.reward: RL needs a reward model checkpoint or a module:function")
     if not a.train:

@@ -214,6 +214,8 @@ def test_bad_configs_are_refused(base):
         align.align(align_config(base, "bad", "grpo"))
     with pytest.raises(ConfigError, match="rollouts generate"):
         align.align(align_config(base, "bad", "ppo", parallel=dict(tp=2), align=dict(reward="align:gsm8k_reward")))
+    with pytest.raises(ConfigError, match="beta must be above 0"):
+        align.align(align_config(base, "bad", "dpo", align=dict(beta=0.0, loss="ipo")))
     with pytest.raises(ConfigError, match="max_seq_len"):
         align.align(align_config(base, "bad", "sft", data=dict(seq_len=64)))
 
