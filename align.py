@@ -544,8 +544,8 @@ def start(cfg, resume=None, start_over=False):
     run = train.Run(cfg, grid, device, autocast, model, dp, named, optimizer, Examples(items, cfg.data, grid.dp_rank,
                     grid.dp), {}, None, None, train.MetricsLog(cfg.log.dir, rank == 0, cfg.log.backends, cfg),
                     checkpoint.CheckpointWriter(cfg.checkpoint.asynchronous), ckpt_dir, rank == 0)
-    run.extra = {"tok": tok, "bos": sp[BOS], "pad": sp[PAD], "pack": cfg.align.pack, "stops": stop_ids(tok),
-                 "val": val, "reference": None, "reward": None}
+    run.extra.update({"tok": tok, "bos": sp[BOS], "pad": sp[PAD], "pack": cfg.align.pack, "stops": stop_ids(tok),
+                      "val": val, "reference": None, "reward": None})
     a = cfg.align
     if a.method in RL or a.method == "dpo":
         run.extra["reference"] = reference_model(cfg, grid, device)

@@ -194,7 +194,12 @@ def tracker(name, run_dir, cfg):
         if name == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-            return lambda scalars, step: [writer.add_scalar(k, v, step) for k, v in scalars.items()] + [writer.flush()]
+
+            def log(scalars, step):
+                for k, v in scalars.items():
+                    writer.add_scalar(k, v, step)
+                writer.flush()
+            return log
         if name == "wandb":
             import wandb
             name = os.path.basename(os.path.abspath(run_dir))
@@ -422,6 +427,7 @@ class Run:
     step: int = 0
     counters: dict = field(default_factory=lambda: {"tokens": 0, "seconds": 0.0})
     last_kept: float = field(default_factory=time.time)
+    extra: dict = field(default_factory=dict)  # what align.py's methods add: tokenizer, reference, reward
 
 
 def setup_device(cfg, local_rank):
